@@ -126,7 +126,8 @@ class DecodingConfig:
             raise ConfigError("early_stopping", f"must be true, false or 'never', got {self.early_stopping!r}")
         unknown = [s for s in self.sampler_order if s not in DEFAULT_SAMPLER_ORDER]
         if unknown:
-            raise ConfigError("sampler_order", f"unknown sampler {unknown[0]!r}; known: {', '.join(DEFAULT_SAMPLER_ORDER)}")
+            known = ", ".join(DEFAULT_SAMPLER_ORDER)
+            raise ConfigError("sampler_order", f"unknown sampler {unknown[0]!r}; known: {known}")
         if len(set(self.sampler_order)) != len(self.sampler_order):
             raise ConfigError("sampler_order", "lists a sampler twice")
         if self.seed is not None and self.seed < 0:

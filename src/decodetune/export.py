@@ -44,7 +44,7 @@ def _active(cfg: DecodingConfig, name: str) -> bool:
 
 def _unsupported(cfg: DecodingConfig, target: str, fields: list[str], strict: bool, why: str = "") -> None:
     for name in fields:
-        if name == "strategy" or _active(cfg, name):
+        if name in ("strategy", "sampler_order") or _active(cfg, name):
             msg = f"{name}={getattr(cfg, name)!r} has no equivalent in {target}{why}"
             if strict:
                 raise ExportError(f"{name}: {msg} (use strict=False to drop it)")

