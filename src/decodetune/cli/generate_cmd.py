@@ -33,10 +33,11 @@ def generate_command(
     if batch_size is not None and batch_size < 1:
         raise UserError(f"--batch-size: must be >= 1, got {batch_size}")
 
-    from decodetune.decoding import generate
     from decodetune.models import load_model
 
     lm = load_model(model, trust_remote_code=trust_remote_code, raw=raw)
+    from decodetune.decoding import generate
+
     prompts = [r["messages"] if "messages" in r else r["prompt"] for r in rows]
     gens = generate(lm, prompts, config, logprobs=logprobs, batch_size=batch_size,
                     progress=len(prompts) > 4 or config.max_new_tokens > 128)
