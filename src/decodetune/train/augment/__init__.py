@@ -1,0 +1,28 @@
+"""Data augmentation for prompts and training data (``decodetune augment``).
+
+Token-level ops in the EDA family (swap, delete, insert, synonym) that keep case, digits and punctuation;
+LM-based ops (paraphrase, back-generation) that run through decodetune's engine; filters for duplicates,
+near-duplicates, lengths and answer preservation. Other commands call :func:`augment_rows` (rows of a data
+set) or :func:`augment_texts` (plain prompts).
+"""
+
+from __future__ import annotations
+
+from decodetune.train.augment.filters import Filters, compile_preserve
+from decodetune.train.augment.lm_ops import LM_OPS
+from decodetune.train.augment.ops import TOKEN_OPS
+from decodetune.train.augment.pipeline import (
+    ALL_OPS,
+    ANSWER_FIELDS,
+    AugmentResult,
+    augment,
+    augment_rows,
+    augment_texts,
+    parse_ops,
+    parse_rates,
+)
+from decodetune.train.augment.synonyms import LMSuggestions, SynonymTable
+
+__all__ = ["ALL_OPS", "ANSWER_FIELDS", "AugmentResult", "Filters", "LMSuggestions", "LM_OPS", "SynonymTable",
+           "TOKEN_OPS", "augment", "augment_rows", "augment_texts", "compile_preserve", "parse_ops",
+           "parse_rates"]
