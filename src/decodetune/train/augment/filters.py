@@ -21,11 +21,11 @@ DROP_REASONS = ("empty", "duplicate", "length", "preserve", "overlap", "self_ble
 
 
 def compile_preserve(spec: str | None) -> re.Pattern[str] | None:
-    """``numbers`` or a regular expression; a bad regex is a :class:`UserError` naming ``--preserve``."""
+    """``numbers`` or a regular expression (matched case-insensitively); a bad one is a :class:`UserError`."""
     if not spec:
         return None
     try:
-        return re.compile(PRESERVE_PRESETS.get(spec, spec))
+        return re.compile(PRESERVE_PRESETS.get(spec, spec), re.IGNORECASE)
     except re.error as e:
         raise UserError(f"--preserve: invalid regular expression {spec!r} ({e})") from None
 
