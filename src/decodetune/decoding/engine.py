@@ -1,0 +1,279 @@
+"""``generate()``: our batched decoding loop over a Hugging Face causal LM with a KV cache.
+
+Rows of a call: one per (prompt, returned sequence) for greedy / sample configs, all in one forward batch
+(chunked by ``batch_size``); beam configs run as separate batches grouped by (num_beams, sampling).
+Each step: model forward on the newest token -> processors (penalties, n-grams, min_new_tokens) ->
+greedy rows take the argmax, sampling rows go through their sampler chain and draw from their own
+generator -> finished rows (EOS / stop string / length) leave the batch, their KV-cache rows dropped.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from decodetune.config import DecodingConfig
+from decodetune.decoding.beam import BeamRequest, beam_search
+from decodetune.decoding.processors import RowParams, TokenState, apply_processors
+from decodetune.decoding.runner import ModelRunner
+from decodetune.decoding.sampler import apply_samplers, draw, make_generator, row_seed
+from decodetune.decoding.stopping import RowStopper, StopStrings, final_text
+from decodetune.decoding.types import Generation
+from decodetune.errors import UserError
+
+
+@dataclass
+class _Row:
+    """One sequence to produce with a flat (non-beam) strategy."""
+
+    prompt_index: int
+    sequence_index: int
+    ids: list[int]
+    config: DecodingConfig
+    seed: int | None
+
+
+@dataclass
+class _Finished:
+    token_ids: list[int]
+    logprobs: list[float]
+    reason: str
+    cut: int | None
+    decode_s: float
+
+
+def generate(model: Any, prompts: Any, config: DecodingConfig | Sequence[DecodingConfig] | None = None, *,
+             seeds: Sequence[int | None] | None = None, logprobs: bool = False, batch_size: int | None = None,
+             progress: bool = False) -> list[Generation]:
+    """Decode every prompt; returns a flat list in prompt order (n consecutive entries for n sequences).
+
+    ``model``: anything :func:`decodetune.models.load_model` accepts. ``prompts``: a list of strings or
+    chats (lists of ``{"role", "content"}`` messages). ``config``: one :class:`DecodingConfig` for all
+    prompts, or one per prompt (all decoded in one batch). ``seeds``: one per prompt, overriding
+    ``config.seed``; a prompt without a seed gets a fresh random one, recorded in ``Generation.seed``.
+    ``logprobs``: also return the raw log-probability of every generated token. ``batch_size``: most
+    rows (sequences, or beams) per forward pass. ``progress``: show a progress bar.
+    """
+    lm = _resolve_model(model)
+    prompts = _check_prompts(prompts)
+    configs = _check_configs(config, len(prompts))
+    seeds = _check_seeds(seeds, len(prompts))
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                   or batch_size < 1):
+        raise UserError(f"batch_size: must be a positive integer, got {batch_size!r}")
+    prompt_ids = []
+    for i, prompt in enumerate(prompts):
+        ids = lm.encode(prompt)
+        if not ids:
+            raise UserError(f"prompts[{i}]: encodes to no tokens")
+        prompt_ids.append(ids)
+    # deterministic strategies keep the seed they were given (maybe None); sampling ones always get one
+    seeds = [s if s is not None else c.seed for s, c in zip(seeds, configs, strict=True)]
+    seeds = [secrets.randbits(63) if s is None and c.is_sampling else s for s, c in zip(seeds, configs, strict=True)]
+
+    runner = ModelRunner(lm.model)
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.eos_token_ids[0]
+    decode: Callable[[list[int]], str] = lm.decode
+    eos = list(lm.eos_token_ids)
+    flat = [_Row(i, j, prompt_ids[i], c, seeds[i]) for i, c in enumerate(configs) if not c.is_beam
+            for j in range(c.num_return_sequences)]
+    beams: dict[tuple[int, bool], list[BeamRequest]] = {}
+    for i, c in enumerate(configs):
+        if c.is_beam:
+            beams.setdefault((c.num_beams, c.is_sampling), []).append(BeamRequest(i, prompt_ids[i], c, seeds[i]))
+
+    out: dict[tuple[int, int], Generation] = {}
+    total = len(flat) + sum(len(v) for v in beams.values())
+    with torch.inference_mode(), _progress(progress, total) as advance:
+        for chunk in _chunks(flat, batch_size, key=lambda r: len(r.ids)):
+            finished, prefill_s = _decode_flat(runner, chunk, pad, eos, decode, advance)
+            for row, fin in zip(chunk, finished, strict=True):
+                out[(row.prompt_index, row.sequence_index)] = _generation(
+                    row.prompt_index, row.sequence_index, row.ids, row.config, row.seed, fin.token_ids,
+                    fin.logprobs, fin.reason, fin.cut, sum(fin.logprobs), prefill_s, fin.decode_s, decode, eos,
+                    logprobs)
+        for (num_beams, _), requests in beams.items():
+            per_batch = None if batch_size is None else max(1, batch_size // num_beams)
+            for chunk in _chunks(requests, per_batch, key=lambda r: len(r.ids)):
+                results, prefill_s = beam_search(runner, chunk, pad_token_id=pad, eos_token_ids=eos,
+                                                 decode=decode, on_done=advance)
+                for req, hyps in zip(chunk, results, strict=True):
+                    for j, h in enumerate(hyps):
+                        out[(req.prompt_index, j)] = _generation(
+                            req.prompt_index, j, req.ids, req.config, req.seed, h.token_ids, h.logprobs,
+                            h.finish_reason, h.stop_at, h.score, prefill_s, h.decode_s, decode, eos, logprobs)
+    return [out[key] for key in sorted(out)]
+
+
+def _decode_flat(runner: ModelRunner, rows: Sequence[_Row], pad: int, eos: list[int],
+                 decode: Callable[[list[int]], str],
+                 advance: Callable[[int], None]) -> tuple[list[_Finished], float]:
+    """Greedy and sampling rows, all in one batch, until every row has finished."""
+    device = runner.device
+    eos_set = set(eos)
+    t0 = time.perf_counter()
+    logits, cache, mask, next_pos = runner.prefill([r.ids for r in rows], pad)
+    prefill_s = time.perf_counter() - t0
+    t_decode = time.perf_counter()
+
+    params = RowParams.from_configs([r.config for r in rows], device)
+    max_new = [r.config.max_new_tokens for r in rows]
+    state = TokenState([r.ids for r in rows], max(max_new), logits.shape[1], params, eos, device)
+    gens = [make_generator(row_seed(r.seed, r.sequence_index), device) if s else None
+            for r, s in zip(rows, params.sampling, strict=True)]
+    stoppers = [RowStopper(StopStrings(r.config.stop), decode, r.config.min_new_tokens) if r.config.stop
+                else None for r in rows]
+    active = list(range(len(rows)))  # original index of each row still in the batch
+    tokens_out: list[list[int]] = [[] for _ in rows]
+    lp_out: list[list[float]] = [[] for _ in rows]
+    finished: list[_Finished | None] = [None] * len(rows)
+
+    while True:
+        scores = apply_processors(logits, state)
+        tokens = _select(scores, params, gens)
+        chosen_lp = logits.gather(1, tokens.unsqueeze(1)).squeeze(1) - logits.logsumexp(dim=1)
+        host_tok, host_lp = torch.stack([tokens.to(torch.float64), chosen_lp.to(torch.float64)]).tolist()
+        state.append(tokens)
+        done: list[int] = []
+        for j, b in enumerate(active):
+            tok = int(host_tok[j])
+            tokens_out[b].append(tok)
+            lp_out[b].append(host_lp[j])
+            reason, cut = None, None
+            if tok in eos_set:
+                reason = "eos"
+            elif stoppers[b] is not None and (cut := stoppers[b].check(tokens_out[b])) is not None:
+                reason = "stop"
+            elif len(tokens_out[b]) >= max_new[b]:
+                reason = "length"
+            if reason is not None:
+                finished[b] = _Finished(tokens_out[b], lp_out[b], reason, cut, time.perf_counter() - t_decode)
+                done.append(j)
+        if done:
+            advance(len(done))
+            keep = [j for j in range(len(active)) if j not in set(done)]
+            if not keep:
+                break
+            keep_t = torch.tensor(keep, device=device)
+            cache.reorder_cache(keep_t)
+            mask, next_pos, tokens = mask[keep_t], next_pos[keep_t], tokens[keep_t]
+            params = params.index(keep)
+            state.index(keep_t, params)
+            gens = [gens[j] for j in keep]
+            active = [active[j] for j in keep]
+        logits, mask = runner.step(tokens, mask, next_pos, cache)
+        next_pos = next_pos + 1
+    return [f for f in finished if f is not None], prefill_s
+
+
+def _select(scores: torch.Tensor, params: RowParams, gens: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """Argmax for greedy rows; sampler chain + seeded draw for sampling rows."""
+    sampling = params.cached("sampling_rows", lambda: [i for i, s in enumerate(params.sampling) if s])
+    if not sampling:
+        return scores.argmax(dim=1)
+    if len(sampling) == len(params):
+        return draw(apply_samplers(scores, params).softmax(dim=1), gens)  # type: ignore[arg-type]
+    idx = params.cached("sampling_index", lambda: torch.tensor(sampling, device=scores.device))
+    sub = apply_samplers(scores.index_select(0, idx), params.subset(sampling)).softmax(dim=1)
+    tokens = scores.argmax(dim=1)
+    tokens[idx] = draw(sub, [gens[i] for i in sampling])  # type: ignore[misc]
+    return tokens
+
+
+def _generation(prompt_index: int, sequence_index: int, ids: list[int], config: DecodingConfig, seed: int | None,
+                token_ids: list[int], lps: list[float], reason: str, cut: int | None, score: float,
+                prefill_s: float, decode_s: float, decode: Callable[[list[int]], str], eos: list[int],
+                want_logprobs: bool) -> Generation:
+    text = final_text(decode, token_ids, reason, cut, eos)
+    timings = {"prefill_s": prefill_s, "decode_s": decode_s, "total_s": prefill_s + decode_s}
+    return Generation(text=text, token_ids=list(token_ids), logprobs=list(lps) if want_logprobs else None,
+                      finish_reason=reason, timings=timings, prompt_index=prompt_index,
+                      sequence_index=sequence_index, num_prompt_tokens=len(ids), score=float(score),
+                      seed=seed)
+
+
+def _chunks(items: Sequence[Any], size: int | None, key: Callable[[Any], int]) -> list[list[Any]]:
+    """Split into batches of at most ``size``; with a size, similar prompt lengths go together (less padding)."""
+    if size is None or size >= len(items):
+        return [list(items)] if items else []
+    ordered = sorted(items, key=key)
+    return [ordered[i:i + size] for i in range(0, len(ordered), size)]
+
+
+class _progress:
+    """A rich progress bar over finished sequences, or a no-op."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.enabled, self.total, self._bar = enabled, total, None
+
+    def __enter__(self) -> Callable[[int], None]:
+        if not self.enabled:
+            return lambda n: None
+        from rich.progress import Progress
+
+        self._bar = Progress(transient=False)
+        self._bar.start()
+        task = self._bar.add_task("generating", total=self.total)
+        return lambda n: self._bar.advance(task, n)  # type: ignore[union-attr]
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def _resolve_model(model: Any) -> Any:
+    from decodetune.models.handle import LoadedModel
+
+    if isinstance(model, LoadedModel):
+        return model
+    from decodetune.models import load_model
+
+    return load_model(model)
+
+
+def _check_prompts(prompts: Any) -> list[Any]:
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not isinstance(prompts, Sequence) or isinstance(prompts, bytes):
+        raise UserError(f"prompts: expected a list of prompts, got {type(prompts).__name__}")
+    prompts = list(prompts)
+    if not prompts:
+        raise UserError("prompts: empty prompt list")
+    for i, p in enumerate(prompts):
+        ok = isinstance(p, str) or (isinstance(p, list) and all(isinstance(m, dict) for m in p))
+        if not ok:
+            raise UserError(f"prompts[{i}]: expected a string or a list of chat messages, got {type(p).__name__}")
+    return prompts
+
+
+def _check_configs(config: Any, n: int) -> list[DecodingConfig]:
+    if config is None:
+        return [DecodingConfig()] * n
+    if isinstance(config, DecodingConfig | dict):
+        config = [config] * n
+    configs = [c if isinstance(c, DecodingConfig) else DecodingConfig.from_dict(c) if isinstance(c, dict)
+               else _bad_config(c) for c in config]
+    if len(configs) != n:
+        raise UserError(f"configs: got {len(configs)} configs for {n} prompts (give one, or one per prompt)")
+    return configs
+
+
+def _bad_config(c: Any) -> DecodingConfig:
+    raise UserError(f"config: expected a DecodingConfig or a mapping, got {type(c).__name__}")
+
+
+def _check_seeds(seeds: Sequence[int | None] | None, n: int) -> list[int | None]:
+    if seeds is None:
+        return [None] * n
+    seeds = list(seeds)
+    if len(seeds) != n:
+        raise UserError(f"seeds: got {len(seeds)} seeds for {n} prompts")
+    for i, s in enumerate(seeds):
+        if s is not None and (isinstance(s, bool) or not isinstance(s, int) or s < 0):
+            raise UserError(f"seeds[{i}]: must be a non-negative integer or None, got {s!r}")
+    return seeds

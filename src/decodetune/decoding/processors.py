@@ -1,0 +1,269 @@
+"""Per-row parameters, the token state, and the logits processors that run before the samplers.
+
+Every processor works on a whole batch at once, with one parameter value per row packed in a tensor
+(vLLM v1's layout), and says from plain Python values whether any row needs it, so a batch where no row
+uses it skips it entirely. They share one small interface (llama.cpp's sampler chain): ``name``,
+``active(state)`` and ``__call__(logits, state) -> logits``.
+
+The order is fixed and documented:
+
+1. ``repetition_penalty`` over prompt + output tokens, transformers' semantics: a seen token's score is
+   divided by the penalty when positive and multiplied by it when negative;
+2. ``presence_penalty`` / ``frequency_penalty`` over output tokens only, vLLM / OpenAI semantics:
+   ``score -= frequency * count + presence * (count > 0)``;
+3. ``no_repeat_ngram_size`` (transformers): a token that would complete an n-gram already present in
+   prompt + output is banned;
+4. ``min_new_tokens``: every EOS id is banned while fewer than ``min_new_tokens`` tokens were generated.
+
+The distribution samplers (temperature, top-k, ...) come after, in :mod:`decodetune.decoding.sampler`.
+Padding never counts as a token (transformers >= 5 also ignores it for the repetition penalty).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from decodetune.config import DecodingConfig
+
+#: Value of each per-row parameter that makes its processor or sampler a no-op.
+NEUTRAL: dict[str, float | int] = {
+    "temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+    "no_repeat_ngram_size": 0, "min_new_tokens": 0,
+}
+#: Parameters that only shape the sampling distribution; they are neutral on rows that do not sample.
+SAMPLER_FIELDS = frozenset({"temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff"})
+_INT_FIELDS = frozenset({"top_k", "no_repeat_ngram_size", "min_new_tokens"})
+
+
+class RowParams:
+    """Decoding parameters of the rows of a batch: Python lists (to decide what runs) and device tensors.
+
+    Rows that do not sample (greedy, beam, temperature 0) get neutral sampler parameters, so the samplers
+    can never change them.
+    """
+
+    def __init__(self, values: dict[str, list[Any]], orders: list[tuple[str, ...]], sampling: list[bool],
+                 device: torch.device | str):
+        self.values = values
+        self.orders = orders
+        self.sampling = sampling
+        self.device = torch.device(device)
+        self._cache: dict[Any, Any] = {}
+
+    @classmethod
+    def from_configs(cls, configs: Sequence[DecodingConfig], device: torch.device | str) -> RowParams:
+        """One row per config (repeat a config to give it several rows)."""
+        sampling = [c.is_sampling for c in configs]
+        values = {
+            name: [getattr(c, name) if (s or name not in SAMPLER_FIELDS) else neutral
+                   for c, s in zip(configs, sampling, strict=True)]
+            for name, neutral in NEUTRAL.items()
+        }
+        orders = [tuple(c.full_sampler_order) for c in configs]
+        return cls(values, orders, sampling, device)
+
+    def __len__(self) -> int:
+        return len(self.sampling)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The ``(rows,)`` tensor of one parameter (long for counts, float32 otherwise)."""
+        return self.cached(("tensor", name), lambda: torch.tensor(
+            self.values[name], dtype=torch.long if name in _INT_FIELDS else torch.float32, device=self.device))
+
+    def active(self, name: str) -> bool:
+        """Whether any row has a non-neutral value for ``name``."""
+        return self.cached(("active", name), lambda: any(v != NEUTRAL[name] for v in self.values[name]))
+
+    def cached(self, key: Any, make: Callable[[], Any]) -> Any:
+        """Memoise something derived from these rows (tensors, index lists) until the rows change."""
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    def index(self, rows: Sequence[int]) -> RowParams:
+        """The parameters of a subset (or reordering) of the rows."""
+        rows = list(rows)
+        return RowParams({k: [v[i] for i in rows] for k, v in self.values.items()},
+                         [self.orders[i] for i in rows], [self.sampling[i] for i in rows], self.device)
+
+    def subset(self, rows: Sequence[int]) -> RowParams:
+        """Like :meth:`index`, memoised (used every step for the sampling rows and the order groups)."""
+        return self.cached(("subset", tuple(rows)), lambda: self.index(rows))
+
+    def order_groups(self) -> list[tuple[tuple[str, ...], list[int]]]:
+        """Rows grouped by sampler order, in first-seen order."""
+        def make() -> list[tuple[tuple[str, ...], list[int]]]:
+            groups: dict[tuple[str, ...], list[int]] = {}
+            for i, order in enumerate(self.orders):
+                groups.setdefault(order, []).append(i)
+            return list(groups.items())
+        return self.cached("order_groups", make)
+
+
+class TokenState:
+    """What the processors look at: every row's tokens so far and the per-token bookkeeping of penalties.
+
+    ``history`` is ``(rows, prompt_len + max_new)``, left-padded, with ``-1`` for padding and for steps not
+    generated yet, so that padding never matches a real token. ``seen`` (prompt + output, for the repetition
+    penalty) and ``counts`` (output only, for presence/frequency) exist only when some row needs them; both
+    have one spare column that absorbs ids outside the model's output vocabulary.
+    """
+
+    def __init__(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, vocab_size: int,
+                 rows: RowParams, eos_token_ids: Sequence[int], device: torch.device | str):
+        self.rows = rows
+        self.vocab_size = vocab_size
+        self.device = torch.device(device)
+        width = max(len(p) for p in prompts)
+        history = torch.full((len(prompts), width + max_new_tokens), -1, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            if p:
+                history[i, width - len(p):width] = torch.tensor(list(p), dtype=torch.long)
+        self.history = history.to(self.device)
+        self.length = width
+        self.step = 0
+        self.eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=self.device)
+        self.seen: torch.Tensor | None = None
+        self.counts: torch.Tensor | None = None
+        if rows.active("repetition_penalty"):
+            ids = self.history[:, :width].clamp(max=vocab_size)
+            seen = torch.zeros((len(prompts), vocab_size + 2), dtype=torch.bool, device=self.device)
+            # padding (-1) goes to the last spare column, out-of-vocabulary ids to the one before it
+            seen.scatter_(1, torch.where(ids < 0, vocab_size + 1, ids), True)
+            self.seen = seen[:, : vocab_size + 1].contiguous()
+        if rows.active("presence_penalty") or rows.active("frequency_penalty"):
+            self.counts = torch.zeros((len(prompts), vocab_size + 1), dtype=torch.float32, device=self.device)
+
+    def append(self, tokens: torch.Tensor) -> None:
+        """Record one new token per row."""
+        self.history[:, self.length] = tokens
+        self.length += 1
+        self.step += 1
+        ids = tokens.clamp(max=self.vocab_size).unsqueeze(1)
+        if self.seen is not None:
+            self.seen.scatter_(1, ids, True)
+        if self.counts is not None:
+            self.counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=self.counts.dtype))
+
+    def index(self, idx: torch.Tensor, rows: RowParams | None = None) -> None:
+        """Keep / reorder rows (beam reordering, dropping finished rows); ``rows`` if they changed."""
+        self.history = self.history.index_select(0, idx)
+        if self.seen is not None:
+            self.seen = self.seen.index_select(0, idx)
+        if self.counts is not None:
+            self.counts = self.counts.index_select(0, idx)
+        if rows is not None:
+            self.rows = rows
+
+
+class LogitsProcessor:
+    """Interface of one pipeline stage."""
+
+    name = "processor"
+
+    def active(self, state: TokenState) -> bool:  # pragma: no cover - interface
+        """Whether any row needs this stage now."""
+        raise NotImplementedError
+
+    def __call__(self, logits: torch.Tensor, state: TokenState) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+class RepetitionPenalty(LogitsProcessor):
+    """transformers' ``RepetitionPenaltyLogitsProcessor`` with a per-row penalty, over prompt + output."""
+
+    name = "repetition_penalty"
+
+    def active(self, state: TokenState) -> bool:
+        return state.seen is not None
+
+    def __call__(self, logits: torch.Tensor, state: TokenState) -> torch.Tensor:
+        assert state.seen is not None
+        penalty = state.rows.tensor("repetition_penalty").unsqueeze(1)
+        penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+        return torch.where(state.seen[:, : logits.shape[1]], penalised, logits)
+
+
+class PresenceFrequencyPenalty(LogitsProcessor):
+    """vLLM's additive penalties over output tokens: ``-frequency * count - presence * (count > 0)``."""
+
+    name = "presence_frequency_penalty"
+
+    def active(self, state: TokenState) -> bool:
+        return state.counts is not None and state.step > 0
+
+    def __call__(self, logits: torch.Tensor, state: TokenState) -> torch.Tensor:
+        assert state.counts is not None
+        counts = state.counts[:, : logits.shape[1]]
+        frequency = state.rows.tensor("frequency_penalty").unsqueeze(1)
+        presence = state.rows.tensor("presence_penalty").unsqueeze(1)
+        return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+
+
+class NoRepeatNGram(LogitsProcessor):
+    """transformers' ``NoRepeatNGramLogitsProcessor`` with a per-row n (rows grouped by n), padding excluded."""
+
+    name = "no_repeat_ngram_size"
+
+    def active(self, state: TokenState) -> bool:
+        return state.rows.active("no_repeat_ngram_size")
+
+    def __call__(self, logits: torch.Tensor, state: TokenState) -> torch.Tensor:
+        rows = state.rows
+        vocab = logits.shape[1]
+        banned = torch.zeros((logits.shape[0], vocab + 1), dtype=torch.bool, device=logits.device)
+        for n, idx in rows.cached("ngram_groups", lambda: _groups(rows.values["no_repeat_ngram_size"])):
+            if state.length < n:
+                continue
+            idx_t = rows.cached(("idx", tuple(idx)), lambda idx=idx: torch.tensor(idx, device=rows.device))
+            hist = state.history.index_select(0, idx_t)[:, : state.length]
+            prefix = hist[:, state.length - n + 1:]
+            windows = hist.unfold(1, n, 1)
+            match = (windows[..., :-1] == prefix.unsqueeze(1)).all(-1)
+            # a prefix reaching into padding matches nothing; a window ending in padding bans nothing
+            match &= (prefix >= 0).all(-1, keepdim=True) & (windows[..., -1] >= 0)
+            target = torch.where(match, windows[..., -1].clamp(max=vocab), vocab)
+            group_ban = torch.zeros((len(idx), vocab + 1), dtype=torch.bool, device=logits.device)
+            banned[idx_t] = group_ban.scatter_(1, target, True)
+        return logits.masked_fill(banned[:, :vocab], float("-inf"))
+
+
+class MinNewTokens(LogitsProcessor):
+    """Bans every EOS id on rows that have generated fewer than ``min_new_tokens`` tokens."""
+
+    name = "min_new_tokens"
+
+    def active(self, state: TokenState) -> bool:
+        return state.eos.numel() > 0 and any(m > state.step for m in state.rows.values["min_new_tokens"])
+
+    def __call__(self, logits: torch.Tensor, state: TokenState) -> torch.Tensor:
+        too_short = (state.rows.tensor("min_new_tokens") > state.step).unsqueeze(1)
+        eos = state.eos[state.eos < logits.shape[1]]
+        out = logits.clone()
+        out[:, eos] = torch.where(too_short, float("-inf"), logits[:, eos])
+        return out
+
+
+#: The fixed order of the processors that run before the distribution samplers.
+PROCESSORS: tuple[LogitsProcessor, ...] = (RepetitionPenalty(), PresenceFrequencyPenalty(), NoRepeatNGram(),
+                                           MinNewTokens())
+
+
+def apply_processors(logits: torch.Tensor, state: TokenState) -> torch.Tensor:
+    """Run every active processor, in order. Never modifies ``logits`` in place."""
+    for proc in PROCESSORS:
+        if proc.active(state):
+            logits = proc(logits, state)
+    return logits
+
+
+def _groups(values: Sequence[int]) -> list[tuple[int, list[int]]]:
+    groups: dict[int, list[int]] = {}
+    for i, v in enumerate(values):
+        if v:
+            groups.setdefault(int(v), []).append(i)
+    return sorted(groups.items())

@@ -1,0 +1,166 @@
+"""Distribution samplers (temperature and the truncations) and the per-row seeded token draw.
+
+Each stage has transformers' semantics (``generation/logits_process.py``), vectorised with one parameter
+per row: ``temperature`` (``logits / T``), ``top_k`` (ties with the k-th score are kept), ``top_p`` (the
+smallest set of most likely tokens with mass >= p), ``min_p`` (keep p >= min_p * p_max), ``typical_p``
+(locally typical sampling), ``epsilon_cutoff`` (keep p >= epsilon) and ``eta_cutoff`` (keep
+p >= min(eta, sqrt(eta) * exp(-entropy)), Hewitt et al. 2022). Truncations never keep fewer than
+``min_keep`` tokens (1 for sampling; number of EOS ids + 1 for stochastic beam search, as transformers).
+
+Rows run the stages in their own ``full_sampler_order``; rows with different orders in one batch are
+grouped by order. A stage whose parameter is neutral on every row is skipped.
+
+Drawing: ``argmax(probs / E)`` with ``E ~ Exponential(1)`` i.i.d. per token (the "exponential race", an
+exact draw from ``probs``). Each row owns a ``torch.Generator`` seeded from its own seed and consumes
+exactly one vocabulary-sized draw per step, so its tokens depend on nothing but (prompt, config, seed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+
+import torch
+
+from decodetune.decoding.processors import RowParams
+
+NEG_INF = float("-inf")
+
+Stage = Callable[[torch.Tensor, RowParams, int], torch.Tensor]
+
+
+def temperature(logits: torch.Tensor, rows: RowParams, min_keep: int) -> torch.Tensor:
+    """``logits / T`` per row (T > 0 here: temperature 0 rows are greedy and never reach the samplers)."""
+    return logits / rows.tensor("temperature").unsqueeze(1)
+
+
+def top_k(logits: torch.Tensor, rows: RowParams, min_keep: int) -> torch.Tensor:
+    """Keep the tokens scoring at least the k-th best score of their row (0 = off)."""
+    vocab = logits.shape[1]
+    ks = [min(max(k, min_keep), vocab) if k > 0 else vocab for k in rows.values["top_k"]]
+    k_max = max(ks)
+    if k_max >= vocab and all(k >= vocab for k in ks):
+        return logits
+    kth_index = rows.cached(("top_k_index", vocab, min_keep),
+                            lambda: torch.tensor(ks, device=logits.device).sub_(1).unsqueeze(1))
+    kth = torch.topk(logits, k_max, dim=1).values.gather(1, kth_index)
+    return logits.masked_fill(logits < kth, NEG_INF)
+
+
+def top_p(logits: torch.Tensor, rows: RowParams, min_keep: int) -> torch.Tensor:
+    """Nucleus: drop the least likely tokens whose cumulative mass is <= 1 - p (transformers' rule)."""
+    sorted_logits, sorted_idx = torch.sort(logits, dim=1, descending=False)
+    cumulative = sorted_logits.softmax(dim=1).cumsum(dim=1)
+    remove = cumulative <= (1 - rows.tensor("top_p")).unsqueeze(1)
+    remove[:, -min_keep:] = False
+    remove &= (rows.tensor("top_p") < 1).unsqueeze(1)  # p = 1 is off, even where float sums stay below 1
+    return logits.masked_fill(remove.scatter(1, sorted_idx, remove), NEG_INF)
+
+
+def min_p(logits: torch.Tensor, rows: RowParams, min_keep: int) -> torch.Tensor:
+    """Keep tokens with probability >= min_p * (probability of the most likely token)."""
+    probs = logits.softmax(dim=1)
+    remove = probs < rows.tensor("min_p").unsqueeze(1) * probs.amax(dim=1, keepdim=True)
+    if min_keep > 1:
+        remove.scatter_(1, torch.topk(probs, min(min_keep, probs.shape[1]), dim=1).indices, False)
+    return logits.masked_fill(remove, NEG_INF)
+
+
+def typical_p(logits: torch.Tensor, rows: RowParams, min_keep: int) -> torch.Tensor:
+    """Locally typical sampling (Meister et al.): keep the tokens whose surprisal is closest to the entropy."""
+    logp = logits.log_softmax(dim=1)
+    entropy = -(logp * logp.exp()).nansum(dim=1, keepdim=True)
+    shifted = (-logp - entropy).abs()
+    sorted_shifted, sorted_idx = torch.sort(shifted, dim=1, descending=False)
+    cumulative = logits.gather(1, sorted_idx).softmax(dim=1).cumsum(dim=1)
+    mass = rows.tensor("typical_p").unsqueeze(1)
+    last = (cumulative < mass).sum(dim=1, keepdim=True).clamp_(max=logits.shape[1] - 1)
+    remove = sorted_shifted > sorted_shifted.gather(1, last)
+    remove[:, :min_keep] = False
+    remove &= mass < 1
+    return logits.masked_fill(remove.scatter(1, sorted_idx, remove), NEG_INF)
+
+
+def epsilon_cutoff(logits: torch.Tensor, rows: RowParams, min_keep: int) -> torch.Tensor:
+    """Keep tokens with probability >= epsilon (and always the ``min_keep`` best)."""
+    remove = logits.softmax(dim=1) < rows.tensor("epsilon_cutoff").unsqueeze(1)
+    return logits.masked_fill(remove & _below_top(logits, min_keep), NEG_INF)
+
+
+def eta_cutoff(logits: torch.Tensor, rows: RowParams, min_keep: int) -> torch.Tensor:
+    """Keep tokens with probability >= min(eta, sqrt(eta) * exp(-entropy))."""
+    logp = logits.log_softmax(dim=1)
+    probs = logp.exp()
+    # entropy as torch.distributions.Categorical computes it: -inf log-probs clamped, so 0 * log 0 = 0
+    entropy = -(logp.clamp(min=torch.finfo(logp.dtype).min) * probs).sum(dim=1, keepdim=True)
+    eps = rows.tensor("eta_cutoff").unsqueeze(1)
+    eta = torch.minimum(eps, eps.sqrt() * torch.exp(-entropy))
+    return logits.masked_fill((probs < eta) & _below_top(logits, min_keep), NEG_INF)
+
+
+def _below_top(logits: torch.Tensor, min_keep: int) -> torch.Tensor:
+    """Tokens scoring strictly below the ``min_keep``-th best of their row."""
+    if min_keep == 1:
+        return logits < logits.amax(dim=1, keepdim=True)
+    return logits < torch.topk(logits, min(min_keep, logits.shape[1]), dim=1).values[:, -1:]
+
+
+#: name -> (stage, the RowParams field that must be non-neutral on some row for it to run)
+STAGES: dict[str, tuple[Stage, str]] = {
+    "temperature": (temperature, "temperature"),
+    "top_k": (top_k, "top_k"),
+    "top_p": (top_p, "top_p"),
+    "min_p": (min_p, "min_p"),
+    "typical_p": (typical_p, "typical_p"),
+    "epsilon_cutoff": (epsilon_cutoff, "epsilon_cutoff"),
+    "eta_cutoff": (eta_cutoff, "eta_cutoff"),
+}
+
+
+def apply_samplers(logits: torch.Tensor, rows: RowParams, min_keep: int = 1) -> torch.Tensor:
+    """Run the distribution stages on every row in that row's ``full_sampler_order``."""
+    groups = rows.order_groups()
+    if len(groups) == 1:
+        return _run_chain(groups[0][0], logits, rows, min_keep)
+    out = logits.clone()
+    for order, idx in groups:
+        idx_t = rows.cached(("idx", tuple(idx)), lambda idx=idx: torch.tensor(idx, device=logits.device))
+        out[idx_t] = _run_chain(order, logits.index_select(0, idx_t), rows.subset(idx), min_keep)
+    return out
+
+
+def _run_chain(order: Sequence[str], logits: torch.Tensor, rows: RowParams, min_keep: int) -> torch.Tensor:
+    for name in order:
+        stage, field = STAGES[name]
+        if rows.active(field):
+            logits = stage(logits, rows, min_keep)
+    return logits
+
+
+def exponential_noise(shape: tuple[int, int], generators: Sequence[torch.Generator],
+                      device: torch.device) -> torch.Tensor:
+    """One row of Exponential(1) noise per generator (each row draws from its own stream only)."""
+    noise = torch.empty(shape, dtype=torch.float32, device=device)
+    for row, gen in zip(noise, generators, strict=True):
+        row.exponential_(generator=gen)
+    # an exact 0 would turn a zero-probability token into 0/0 = NaN, which argmax would pick
+    return noise.clamp_(min=torch.finfo(torch.float32).tiny)
+
+
+def draw(probs: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """One token per row from ``probs`` (rows sum to 1), by the exponential race."""
+    noise = exponential_noise((probs.shape[0], probs.shape[1]), generators, probs.device)
+    return (probs / noise).argmax(dim=1)
+
+
+def row_seed(seed: int, sequence_index: int) -> int:
+    """The generator seed of sequence ``sequence_index`` of a prompt decoded with ``seed`` (63-bit)."""
+    digest = hashlib.blake2b(f"{seed}:{sequence_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def make_generator(seed: int, device: torch.device) -> torch.Generator:
+    """A fresh generator on ``device`` seeded with ``seed``."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
