@@ -1,0 +1,342 @@
+"""`tune()`: open or resume a study, run the search loop, check the winner on the test split, write outputs."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from decodetune.config import DecodingConfig
+from decodetune.errors import UserError
+from decodetune.tuning.objectives import Objective, parse_objectives
+from decodetune.tuning.runner import (
+    DEFAULT_BATCH,
+    RunStats,
+    TrialBatchEvaluator,
+    _StopRequested,
+    make_splits,
+    trial_values,
+)
+from decodetune.tuning.space import SearchSpace, default_space, load_space
+from decodetune.tuning.study import (
+    default_study_name,
+    make_pruner,
+    make_sampler,
+    open_study,
+    resolve_storage,
+)
+
+log = logging.getLogger("decodetune.tuning")
+
+
+@dataclass
+class TuneResult:
+    """What a tuning run produced. ``best_config`` is None when no trial completed."""
+
+    study: Any
+    study_name: str
+    storage_url: str
+    out_dir: Path
+    objectives: list[Objective]
+    best_trials: list[Any]
+    best_config: DecodingConfig | None
+    stats: RunStats
+    test: dict[str, Any] | None = None
+    files: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def best_trial(self) -> Any:
+        """The best (single objective) or first Pareto-optimal trial."""
+        return self.best_trials[0] if self.best_trials else None
+
+
+def finished_trials(study: Any) -> list[Any]:
+    """COMPLETE trials (pruned ones included: they were told their running mean)."""
+    from optuna.trial import TrialState
+
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
+
+def best_trials(study: Any, objectives: list[Objective]) -> list[Any]:
+    """Fully evaluated best trial (one objective) or the Pareto front of fully evaluated trials."""
+    done = [t for t in finished_trials(study) if not t.user_attrs.get("pruned") and t.values is not None]
+    if not done:
+        return []
+    if len(objectives) == 1:
+        sign = 1 if objectives[0].direction == "max" else -1
+        return [max(done, key=lambda t: (sign * t.values[0], -t.number))]
+    signs = [1 if o.direction == "max" else -1 for o in objectives]
+
+    def dominated(a: Any) -> bool:
+        return any(all(s * x >= s * y for s, x, y in zip(signs, b.values, a.values, strict=True))
+                   and any(s * x > s * y for s, x, y in zip(signs, b.values, a.values, strict=True))
+                   for b in done)
+
+    front = [t for t in done if not dominated(t)]
+    return sorted(front, key=lambda t: (-signs[0] * t.values[0], t.number))
+
+
+def tune(model: Any, task: Any, *, search: str = "tpe", n_trials: int = 20,
+         space: SearchSpace | str | Path | dict | None = None, objectives: list[str] | None = None,
+         storage: str | None = None, study_name: str | None = None, timeout: float | None = None,
+         budget_tokens: int | None = None, repeats: int = 1, seed: int = 0, limit: int | None = None,
+         out_dir: str | Path = "decodetune-out", batch_trials: int | None = None, prune: bool = True,
+         final_test: bool = True, progress: bool = False, console: Any = None,
+         evaluate_many: Callable[..., list[Any]] | None = None, compare: Callable[..., Any] | None = None,
+         ) -> TuneResult:
+    """Search decoding hyperparameters of ``model`` on ``task``'s dev split.
+
+    Re-running with the same study (name and storage) continues it: completed trials count toward
+    ``n_trials``. Ctrl-C marks in-flight trials failed (``interrupted``) and leaves the storage usable.
+    Returns a :class:`TuneResult`; with ``final_test`` the best config is re-evaluated on the test
+    split against the defaults, stored in the study, and ``best_config.json`` plus exports are written.
+    """
+    import optuna
+
+    if n_trials < 1:
+        raise UserError(f"--trials: must be >= 1, got {n_trials}")
+    if repeats < 1:
+        raise UserError(f"--repeats: must be >= 1, got {repeats}")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit: must be >= 1, got {limit}")
+    # ---- everything the user typed is checked before the model is even loaded
+    task = _load_task(task)
+    objs = parse_objectives(objectives, task)
+    space_obj = _resolve_space(space, search)
+    if search == "grid":
+        grid_points = space_obj.grid(seed=seed)
+    out = Path(out_dir)
+    info = resolve_storage(storage, out)
+    splits = make_splits(task, limit, seed)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    from decodetune.models import load_model
+
+    loaded = load_model(model)
+    name = study_name or default_study_name(getattr(loaded, "name", "model"), task.name, search)
+    n_obj = len(objs)
+    pruning = bool(prune and n_obj == 1 and not objs[0].corpus and len(splits.dev_indices) > 8)
+    sampler_options = {"n_startup_trials": max(4, min(10, n_trials // 3)),
+                       "population_size": max(4, min(50, n_trials // 3))}
+    identity = {"model": getattr(loaded, "name", str(model)), "task": task.name,
+                "objectives": [str(o) for o in objs], "space": space_obj.to_dict(), "limit": limit,
+                "repeats": repeats}
+    sampler = make_sampler(search, seed, space_obj, n_obj, n_trials, sampler_options)
+    study = open_study(info, name, [o.optuna_direction for o in objs], sampler, make_pruner(pruning), identity)
+    for key, value in (("search", search), ("seed", seed), ("dev_split", splits.dev),
+                       ("n_dev_items", len(splits.dev_indices)), ("test_split", splits.test),
+                       ("n_test_items", len(splits.test_indices)), ("held_out", splits.held_out),
+                       ("pruning", pruning)):
+        if key not in study.user_attrs:
+            study.set_user_attr(key, value)
+
+    cache = str(info.cache_path)  # a path: each evaluate call opens it (safe across processes)
+    if evaluate_many is None:
+        from decodetune.eval import evaluate_many as _em
+
+        evaluate_many = _em
+    stats = RunStats()
+    started = time.monotonic()
+    base = DecodingConfig()
+
+    def stop_reason() -> str:
+        if timeout is not None and time.monotonic() - started >= timeout:
+            return "timeout"
+        if budget_tokens is not None and _study_tokens(study) + 0 >= budget_tokens:
+            return "token budget"
+        return ""
+
+    evaluator = TrialBatchEvaluator(loaded, task, splits, objs, repeats=repeats, seed=seed, cache=cache,
+                                    pruning=pruning, evaluate_many=evaluate_many, stats=stats,
+                                    should_stop=stop_reason)
+    already = len(finished_trials(study))
+    remaining = max(0, n_trials - already)
+    batch = max(1, batch_trials or DEFAULT_BATCH[search])
+    if search == "nsga2" and batch_trials is None:
+        batch = sampler_options["population_size"]
+    bar = _Progress(remaining, progress, console, already)
+
+    def on_done(trial: Any, attrs: dict[str, Any] | None, error: str | None) -> None:
+        if error is not None:
+            trial.set_user_attr("error", error)
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            stats.trials_failed += 1
+            stats.failures.append(f"trial {trial.number}: {error}")
+            log.warning("trial %d failed: %s", trial.number, error)
+            bar.advance(study, objs)
+            return
+        values = trial_values(attrs, objs)
+        for k, v in attrs.items():
+            trial.set_user_attr(k, v)
+        if values is None:
+            trial.set_user_attr("error", "objective value is missing or not finite")
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            stats.trials_failed += 1
+        else:
+            study.tell(trial, values if n_obj > 1 else values[0])
+            stats.trials_told += 1
+        bar.advance(study, objs)
+
+    in_flight: list[Any] = []
+    try:
+        with bar:
+            while remaining > 0:
+                reason = stop_reason()
+                if reason:
+                    stats.stop_reason = reason
+                    break
+                k = min(batch, remaining)
+                if search == "grid":
+                    todo = _unexplored(study, space_obj, grid_points)
+                    if not todo:
+                        stats.stop_reason = "grid exhausted"
+                        break
+                    for point in todo[:k]:
+                        study.enqueue_trial(point, skip_if_exists=True)
+                    k = min(k, len(todo))
+                in_flight = [study.ask() for _ in range(k)]
+                remaining -= k
+                trials, configs = [], []
+                for t in in_flight:
+                    try:
+                        values = space_obj.suggest(t)
+                        configs.append(space_obj.config(values, base))
+                        trials.append(t)
+                    except UserError as e:  # a point of the space that makes an invalid config
+                        on_done(t, None, str(e))
+                if trials:
+                    evaluator.run(trials, configs, order_seed=seed * 100003 + trials[0].number, on_done=on_done)
+                in_flight = []
+            else:
+                stats.stop_reason = stats.stop_reason or "trials done"
+    except _StopRequested as e:
+        stats.stop_reason = e.reason
+        _fail_unfinished(study, e.unfinished, f"stopped: {e.reason}")
+    except KeyboardInterrupt:
+        _fail_unfinished(study, in_flight, "interrupted")
+        raise
+    stats.wall_s = time.monotonic() - started
+    _accumulate_run_stats(study, stats)
+    winners = best_trials(study, objs)
+    best_cfg = DecodingConfig.from_dict(winners[0].user_attrs["config"]) if winners else None
+    result = TuneResult(study, name, info.url, out, objs, winners, best_cfg, stats)
+    if final_test and winners:
+        from decodetune.tuning.final import final_check, write_outputs
+
+        result.test = final_check(loaded, task, study, splits, objs, winners, repeats=repeats, seed=seed,
+                                  cache=cache, progress=progress, compare=compare)
+        result.files = write_outputs(result)
+    elif winners:
+        from decodetune.tuning.final import write_outputs
+
+        result.files = write_outputs(result)
+    return result
+
+
+def _load_task(task: Any) -> Any:
+    if hasattr(task, "items") and hasattr(task, "metrics"):
+        return task
+    from decodetune.tasks import load_task
+
+    return load_task(task)
+
+
+def _resolve_space(space: Any, search: str) -> SearchSpace:
+    if isinstance(space, SearchSpace):
+        return space
+    if space is None:
+        return default_space(grid=search == "grid")
+    if isinstance(space, dict):
+        from decodetune.tuning.space import parse_space
+
+        return parse_space(space)
+    return load_space(str(space))
+
+
+def _unexplored(study: Any, space: SearchSpace, points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Grid points no trial has covered yet (finished, running or waiting: other workers' too)."""
+    from optuna.trial import TrialState
+
+    taken = set()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING,
+                                                      TrialState.WAITING)):
+        params = t.params if t.state != TrialState.WAITING else t.system_attrs.get("fixed_params", {})
+        taken.add(_key(space.active_values(params), space))
+    return [p for p in points if _key(space.active_values(p), space) not in taken]
+
+
+def _key(values: dict[str, Any], space: SearchSpace) -> tuple:
+    return tuple(sorted((k, round(v, 9) if isinstance(v, float) else v) for k, v in values.items()
+                        if k in space and space[k].searched))
+
+
+def _fail_unfinished(study: Any, trials: list[Any], why: str) -> None:
+    from optuna.trial import TrialState
+
+    for t in trials:
+        with contextlib.suppress(Exception):  # already told
+            t.set_user_attr("error", why)
+            study.tell(t, state=TrialState.FAIL, skip_if_finished=True)
+
+
+def _study_tokens(study: Any) -> int:
+    return int(sum(t.user_attrs.get("tokens_generated", t.user_attrs.get("tokens_evaluated", 0)) or 0
+                   for t in finished_trials(study)))
+
+
+def _accumulate_run_stats(study: Any, stats: RunStats) -> None:
+    """Add this run's counters to the study totals (the report reads them)."""
+    totals = dict(study.user_attrs.get("totals", {}))
+    for key in ("trials_told", "trials_failed", "trials_pruned", "tokens_generated", "tokens_evaluated",
+                "cache_hits", "cache_misses", "generate_calls", "wall_s"):
+        totals[key] = totals.get(key, 0) + getattr(stats, key)
+    totals["tokens_saved_by_pruning"] = round(totals.get("tokens_saved_by_pruning", 0)
+                                              + stats.tokens_saved_by_pruning)
+    study.set_user_attr("totals", totals)
+
+
+class _Progress:
+    """Rich progress bar with ETA over the trials of this run (silent when disabled)."""
+
+    def __init__(self, total: int, enabled: bool, console: Any, already: int):
+        self.enabled, self.total, self.already = enabled and total > 0, total, already
+        self._p = None
+        self._task = None
+        if self.enabled:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self._p = Progress(TextColumn("[bold]tuning"), BarColumn(), MofNCompleteColumn(),
+                               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                               TextColumn("{task.description}"), console=console, transient=False)
+
+    def __enter__(self) -> _Progress:
+        if self._p is not None:
+            self._p.__enter__()
+            self._task = self._p.add_task("", total=self.total)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._p is not None:
+            self._p.__exit__(*exc)
+
+    def advance(self, study: Any, objs: list[Objective]) -> None:
+        """One more trial told; show the best value so far."""
+        if self._p is None:
+            return
+        desc = ""
+        if len(objs) == 1:
+            best = best_trials(study, objs)
+            if best:
+                desc = f"best {objs[0].metric}={best[0].values[0]:.4g} (trial {best[0].number})"
+        self._p.update(self._task, advance=1, description=desc)

@@ -1,0 +1,222 @@
+"""After the search: the winner on the held-out test split against the defaults, and the output files.
+
+The winner (or the first Pareto-optimal configs) is compared with greedy decoding and, when the model ships
+one, its own ``generation_config``, on the test split that the search never saw, with the paired test of
+:func:`decodetune.eval.compare`. The table, the dev-to-test gap and a few example generations are stored
+in the study's user attributes (``final``), so that ``decodetune report`` needs nothing but the storage.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from decodetune.config import DecodingConfig
+from decodetune.io import atomic_write, write_json
+
+if TYPE_CHECKING:
+    from decodetune.tuning.core import TuneResult
+    from decodetune.tuning.objectives import Objective
+    from decodetune.tuning.runner import Splits
+
+MAX_PARETO_CHECKED = 4
+N_EXAMPLES = 4
+_CLIP = 400
+
+
+def model_generation_config(loaded: Any) -> DecodingConfig | None:
+    """The model's own ``generation_config`` as a DecodingConfig, if it sets any decoding knob."""
+    gen = getattr(getattr(loaded, "model", None), "generation_config", None)
+    if gen is None:
+        return None
+    try:
+        diff = gen.to_diff_dict()
+    except Exception:
+        return None
+    knobs = {k: diff[k] for k in ("do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p",
+                                   "num_beams", "repetition_penalty", "no_repeat_ngram_size",
+                                   "length_penalty") if diff.get(k) is not None}
+    do_sample = bool(knobs.pop("do_sample", False))
+    beams = int(knobs.get("num_beams", 1) or 1)
+    if not knobs and not do_sample:
+        return None
+    strategy = ("beam_sample" if beams > 1 else "sample") if do_sample else ("beam" if beams > 1 else "greedy")
+    fields: dict[str, Any] = {"strategy": strategy}
+    for k, v in knobs.items():
+        if not do_sample and k in ("temperature", "top_k", "top_p", "min_p", "typical_p"):
+            continue  # transformers ignores them without do_sample
+        if beams <= 1 and k in ("num_beams", "length_penalty"):
+            continue
+        fields[k] = v
+    try:
+        cfg = DecodingConfig.from_dict(fields)
+    except Exception:
+        return None
+    return None if cfg == DecodingConfig(strategy="greedy") else cfg
+
+
+def final_check(loaded: Any, task: Any, study: Any, splits: Splits, objectives: list[Objective],
+                winners: list[Any], *, repeats: int, seed: int, cache: Any, progress: bool = False,
+                compare: Any = None) -> dict[str, Any]:
+    """Compare the winner(s) with the defaults on the test split; store and return the table."""
+    if compare is None:
+        from decodetune.eval import compare as compare  # noqa: PLW0127
+
+    defaults: list[tuple[str, DecodingConfig]] = [("greedy (default)", DecodingConfig(strategy="greedy"))]
+    own = model_generation_config(loaded)
+    if own is not None:
+        defaults.append(("model generation_config", own))
+    tuned = [(f"tuned (trial {t.number})", DecodingConfig.from_dict(t.user_attrs["config"]))
+             for t in winners[:MAX_PARETO_CHECKED]]
+    metrics = [o.metric for o in objectives]
+    common = dict(split=splits.test, item_indices=list(splits.test_indices), repeats=repeats, seed=seed,
+                  metrics=metrics, cache=cache)
+    rows: list[dict[str, Any]] = []
+    results: dict[str, Any] = {}
+    for ref_name, ref_cfg in defaults:
+        cmp = compare(loaded, task, [ref_cfg] + [c for _, c in tuned], **common)
+        res_list = _results_of(cmp)
+        if ref_name not in results:
+            results[ref_name] = res_list[0]
+            rows.append(_row(ref_name, ref_cfg, res_list[0], objectives, None, None))
+        for (name, cfg), res, diffs in zip(tuned, res_list[1:], _diffs_of(cmp, metrics, len(tuned)),
+                                           strict=True):
+            results.setdefault(name, res)
+            rows.append(_row(name, cfg, res, objectives, ref_name, diffs))
+    gap = {}
+    for t, (name, _) in zip(winners[:MAX_PARETO_CHECKED], tuned, strict=False):
+        gap[name] = {o.metric: _sub(t.values[i], results[name].metrics[o.metric].value)
+                     for i, o in enumerate(objectives)}
+    examples = _examples(results, [n for n, _ in defaults][:1] + [n for n, _ in tuned][:1])
+    final = {"split": splits.test, "n_items": len(splits.test_indices), "held_out": splits.held_out,
+             "objectives": [str(o) for o in objectives], "rows": rows, "dev_to_test_gap": gap,
+             "examples": examples}
+    study.set_user_attr("final", final)
+    return final
+
+
+def _results_of(cmp: Any) -> list[Any]:
+    for name in ("results", "evals", "eval_results"):
+        if hasattr(cmp, name):
+            return list(getattr(cmp, name))
+    raise TypeError("compare() returned an object without .results")
+
+
+def _diffs_of(cmp: Any, metrics: list[str], n: int) -> list[dict[str, Any]]:
+    """Per tuned config: {metric: {diff, ci_low, ci_high, p_value, test}} against configs[0]."""
+    out: list[dict[str, Any]] = [{} for _ in range(n)]
+    table = getattr(cmp, "differences", None) or getattr(cmp, "diffs", None) or []
+    for entry in table:
+        d = entry if isinstance(entry, dict) else getattr(entry, "__dict__", {})
+        idx = int(d.get("index", d.get("config_index", 0))) - 1
+        metric = d.get("metric")
+        if 0 <= idx < n and metric in metrics:
+            out[idx][metric] = {k: _json(d.get(k)) for k in ("diff", "ci_low", "ci_high", "p_value", "test")
+                                if k in d}
+    return out
+
+
+def _row(name: str, cfg: DecodingConfig, res: Any, objectives: list[Objective], vs: str | None,
+         diffs: dict[str, Any] | None) -> dict[str, Any]:
+    metrics = {}
+    for o in objectives:
+        m = res.metrics[o.metric]
+        metrics[o.metric] = {"value": _json(m.value), "ci_low": _json(m.ci_low), "ci_high": _json(m.ci_high)}
+    return {"name": name, "config": cfg.to_dict(only_set=True), "metrics": metrics, "vs": vs,
+            "paired": diffs or {}}
+
+
+def _examples(results: dict[str, Any], names: list[str]) -> list[dict[str, Any]]:
+    by_item: dict[str, dict[str, Any]] = {}
+    for name in names:
+        res = results.get(name)
+        if res is None:
+            continue
+        for row in res.rows:
+            if row.get("repeat", 0) != 0:
+                continue
+            ex = by_item.setdefault(str(row["item_id"]), {"item_id": str(row["item_id"]),
+                                                         "prompt": _clip(row.get("prompt")),
+                                                         "references": [_clip(r) for r in
+                                                                        (row.get("references") or [])[:2]],
+                                                         "outputs": {}})
+            ex["outputs"][name] = _clip(row.get("prediction"))
+    return list(by_item.values())[:N_EXAMPLES]
+
+
+def _clip(v: Any) -> str:
+    if isinstance(v, list):  # chat messages
+        v = "\n".join(f"{m.get('role', '')}: {m.get('content', '')}" for m in v if isinstance(m, dict))
+    s = "" if v is None else str(v)
+    return s if len(s) <= _CLIP else s[: _CLIP - 1] + "…"
+
+
+def _sub(a: Any, b: Any) -> float | None:
+    if a is None or b is None:
+        return None
+    d = float(a) - float(b)
+    return d if math.isfinite(d) else None
+
+
+def _json(v: Any) -> Any:
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def write_outputs(result: TuneResult) -> dict[str, str]:
+    """best_config.json, exports (with what each target dropped) and summary.json in the out folder."""
+    out = Path(result.out_dir)
+    files: dict[str, str] = {}
+    if result.best_config is None:
+        return files
+    best = result.best_config
+    path = out / "best_config.json"
+    best.save(path)
+    files["best_config"] = str(path)
+    dropped: dict[str, list[str]] = {}
+    exports_dir = out / "exports"
+    for target, fname in (("hf", "generation_config.json"), ("vllm", "vllm_sampling_params.json"),
+                          ("llamacpp", "llamacpp_flags.txt"), ("openai", "openai_params.json")):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                value = getattr(best, f"to_{target}")(strict=False)
+            except Exception as e:  # an exporter that refuses even non-strict
+                dropped[target] = [f"export failed: {e}"]
+                continue
+        dropped[target] = [str(w.message) for w in caught]
+        p = exports_dir / fname
+        if isinstance(value, list):
+            with atomic_write(p) as f:
+                f.write(" ".join(_shell_quote(x) for x in value) + "\n")
+        else:
+            write_json(p, value)
+        files[target] = str(p)
+    write_json(exports_dir / "dropped.json", dropped)
+    files["dropped"] = str(exports_dir / "dropped.json")
+    trial = result.best_trial
+    summary = {
+        "study_name": result.study_name, "storage": result.storage_url,
+        "objectives": [str(o) for o in result.objectives],
+        "best_trial": trial.number if trial is not None else None,
+        "best_dev_values": list(trial.values) if trial is not None else None,
+        "best_config": best.to_dict(only_set=True),
+        "pareto_trials": [t.number for t in result.best_trials] if len(result.objectives) > 1 else None,
+        "test": result.test, "run": result.stats.__dict__,
+        "totals": result.study.user_attrs.get("totals", {}),
+    }
+    write_json(out / "summary.json", json.loads(json.dumps(summary, default=str)))
+    files["summary"] = str(out / "summary.json")
+    return files
+
+
+def _shell_quote(s: str) -> str:
+    import shlex
+
+    return shlex.quote(s)
