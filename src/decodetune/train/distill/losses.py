@@ -27,6 +27,11 @@ import torch.nn.functional as F
 LOSS_KINDS = ("ce", "fkl", "rkl", "jsd")
 
 
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 (half-precision logits lose too much in log-softmax); float64 stays float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _kl_from_logprobs(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     """KL(P || Q) per row from log-probabilities; terms with P = 0 count 0 (no 0 * inf = nan)."""
     p = logp.exp()
@@ -36,15 +41,15 @@ def _kl_from_logprobs(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
 
 def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
     """``tau**2 * KL(T || S)`` per token (soft targets, Hinton)."""
-    s = F.log_softmax(student_logits.float() / tau, dim=-1)
-    t = F.log_softmax(teacher_logits.float() / tau, dim=-1)
+    s = F.log_softmax(_upcast(student_logits) / tau, dim=-1)
+    t = F.log_softmax(_upcast(teacher_logits) / tau, dim=-1)
     return _kl_from_logprobs(t, s) * tau**2
 
 
 def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
     """``tau**2 * KL(S || T)`` per token."""
-    s = F.log_softmax(student_logits.float() / tau, dim=-1)
-    t = F.log_softmax(teacher_logits.float() / tau, dim=-1)
+    s = F.log_softmax(_upcast(student_logits) / tau, dim=-1)
+    t = F.log_softmax(_upcast(teacher_logits) / tau, dim=-1)
     return _kl_from_logprobs(s, t) * tau**2
 
 
@@ -60,15 +65,15 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
         return forward_kl(student_logits, teacher_logits, tau)
     if beta == 1.0:
         return reverse_kl(student_logits, teacher_logits, tau)
-    s = F.log_softmax(student_logits.float() / tau, dim=-1)
-    t = F.log_softmax(teacher_logits.float() / tau, dim=-1)
+    s = F.log_softmax(_upcast(student_logits) / tau, dim=-1)
+    t = F.log_softmax(_upcast(teacher_logits) / tau, dim=-1)
     log_m = torch.logsumexp(torch.stack([t + math.log(beta), s + math.log(1.0 - beta)]), dim=0)
     return (beta * _kl_from_logprobs(t, log_m) + (1.0 - beta) * _kl_from_logprobs(s, log_m)) * tau**2
 
 
 def token_cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Plain next-token cross-entropy per token (no temperature)."""
-    return F.cross_entropy(student_logits.float(), labels, reduction="none")
+    return F.cross_entropy(_upcast(student_logits), labels, reduction="none")
 
 
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor,
