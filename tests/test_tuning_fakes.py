@@ -89,7 +89,7 @@ class FakeEval:
                 raise RuntimeError(f"boom for {c.strategy}")
         items = task.items(split)
         idx = list(range(len(items))) if item_indices is None else list(item_indices)
-        self.calls.append({"n_configs": len(configs), "n_items": len(idx), "split": split})
+        self.calls.append({"n_configs": len(configs), "n_items": len(idx), "split": split, "indices": idx})
         out = []
         for cfg in configs:
             reps = repeats if cfg.is_sampling else 1

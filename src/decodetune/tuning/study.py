@@ -129,6 +129,10 @@ def make_sampler(search: str, seed: int | None, space: SearchSpace, n_objectives
                             "(e.g. `strategy: sample`) or use tpe/gp")
         if not space.searched:
             raise UserError("--search cmaes: the space has no searched parameter")
+        try:
+            import cmaes  # noqa: F401 - Optuna imports it lazily, mid-study; fail before any generation
+        except ImportError:
+            raise UserError("--search cmaes: needs the 'cmaes' package (pip install cmaes)") from None
         return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=1, warn_independent_sampling=False)
     # nsga2
     population = int(options.get("population_size", max(4, min(50, n_trials // 3))))
