@@ -36,6 +36,7 @@ from decodetune.train.distill import checkpoint as ckpt
 from decodetune.train.distill.data import (
     Example,
     Row,
+    TeacherLogitCache,
     collate,
     completion_logits,
     completion_to_ids,
@@ -252,17 +253,20 @@ def _bar(enabled: bool, total: int, desc: str) -> Any:
 # ------------------------------------------------------------------------------------------------- loop
 def distill(teacher: Any, spec: StudentSpec, rows: list[Row], cfg: DistillConfig, out_dir: str | Path | None = None,
             checkpoint_dir: str | Path | None = None, resume: bool = False, progress: bool = False,
-            stop_after: int | None = None, overwrite: bool = False) -> DistillResult:
+            stop_after: int | None = None, overwrite: bool = False,
+            teacher_cache: TeacherLogitCache | None = None) -> DistillResult:
     """Distil ``teacher`` (a LoadedModel) into a new student described by ``spec``.
 
     ``rows`` are prompt rows (see :mod:`.data`; augment them with :func:`.data.prepare_rows` first).
+    ``teacher_cache`` keeps the teacher's logits of off-policy examples between epochs (and between
+    runs sharing the cache); without it the teacher runs on every batch.
     Writes a HF model directory to ``out_dir`` (atomically, rank 0) when given. ``stop_after`` ends the
     run after that many total steps as if interrupted (the last checkpoint stays), for tests and budgets.
     """
     rank, world, device, created = setup_distributed()
     try:
         return _distill(teacher, spec, rows, cfg, out_dir, checkpoint_dir, resume, progress, stop_after,
-                        overwrite, rank, world, device)
+                        overwrite, rank, world, device, teacher_cache)
     finally:
         if created:
             import torch.distributed as dist
@@ -272,7 +276,7 @@ def distill(teacher: Any, spec: StudentSpec, rows: list[Row], cfg: DistillConfig
 
 def _distill(teacher: Any, spec: StudentSpec, rows: list[Row], cfg: DistillConfig, out_dir: Any,
              checkpoint_dir: Any, resume: bool, progress: bool, stop_after: int | None, overwrite: bool,
-             rank: int, world: int, device: torch.device) -> DistillResult:
+             rank: int, world: int, device: torch.device, teacher_cache: TeacherLogitCache | None) -> DistillResult:
     cfg.validate(world)
     if out_dir is not None and Path(out_dir).exists() and not overwrite and any(Path(out_dir).iterdir()):
         raise UserError(f"{out_dir}: already exists; pass --overwrite to replace it")
@@ -323,13 +327,15 @@ def _distill(teacher: Any, spec: StudentSpec, rows: list[Row], cfg: DistillConfi
         local_tokens = sum(len(e.completion_ids) for b in batches for e in b[0])
         global_tokens = _all_reduce_sum([float(local_tokens)], device, world)[0]
         sums = [0.0, 0.0, 0.0]
-        for m, (exs, _n_on) in enumerate(batches):
+        for m, (exs, n_on_micro) in enumerate(batches):
             batch = collate(exs, pad_id, device)
             sync = contextlib.nullcontext() if (world == 1 or m == len(batches) - 1) else wrapped.no_sync()
             with sync:
                 s_logits = wrapped(batch)
                 t_logits = None
-                if use_teacher:
+                if use_teacher and teacher_cache is not None:
+                    t_logits = teacher_cache.logits(teacher.model, batch, exs, store=n_on_micro == 0)
+                elif use_teacher:
                     with torch.no_grad():
                         t_logits = completion_logits(teacher.model, batch)
                 parts = distill_loss(s_logits, t_logits, batch["labels"], cfg.loss, cfg.alpha, cfg.tau, cfg.beta)
