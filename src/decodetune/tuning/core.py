@@ -127,6 +127,12 @@ def tune(model: Any, task: Any, *, search: str = "tpe", n_trials: int = 20,
                 "repeats": repeats}
     sampler = make_sampler(search, seed, space_obj, n_obj, n_trials, sampler_options)
     study = open_study(info, name, [o.optuna_direction for o in objs], sampler, make_pruner(pruning), identity)
+    baseline = space_obj.baseline_point()
+    if search == "grid":
+        grid_points = _baseline_first(grid_points, baseline, space_obj)
+    elif baseline is not None and not study.trials:
+        # the default config first: the pruner gets a reference, the report a baseline trial
+        study.enqueue_trial(baseline, user_attrs={"baseline": True})
     for key, value in (("search", search), ("seed", seed), ("dev_split", splits.dev),
                        ("n_dev_items", len(splits.dev_indices)), ("test_split", splits.test),
                        ("n_test_items", len(splits.test_indices)), ("held_out", splits.held_out),
@@ -278,6 +284,14 @@ def _unexplored(study: Any, space: SearchSpace, points: list[dict[str, Any]],
         params = t.params if t.state != TrialState.WAITING else t.system_attrs.get("fixed_params", {})
         taken.add(_key(space.active_values(params), space))
     return [p for p in points if _key(space.active_values(p), space) not in taken]
+
+
+def _baseline_first(points: list[dict[str, Any]], baseline: dict[str, Any] | None,
+                    space: SearchSpace) -> list[dict[str, Any]]:
+    if baseline is None:
+        return points
+    key = _key(baseline, space)
+    return sorted(points, key=lambda p: _key(space.active_values(p), space) != key)
 
 
 def _key(values: dict[str, Any], space: SearchSpace) -> tuple:

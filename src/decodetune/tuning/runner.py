@@ -18,6 +18,7 @@ report`` works from the storage alone.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
@@ -29,6 +30,8 @@ from typing import Any
 from decodetune.config import DecodingConfig
 from decodetune.errors import UserError
 from decodetune.tuning.objectives import Objective
+
+log = logging.getLogger("decodetune.tuning")
 
 #: trials asked together, per search kind (cap; never more than the trials left)
 DEFAULT_BATCH = {"grid": 8, "random": 8, "tpe": 4, "gp": 4, "cmaes": 4, "nsga2": 8}
@@ -148,7 +151,6 @@ class TrialBatchEvaluator:
         for r in results:
             s = summarize_result(r, self.objectives)
             self.stats.tokens_generated += s["tokens_generated"]
-            self.stats.tokens_evaluated += s["tokens_evaluated"]
             self.stats.cache_hits += s["cache_hits"]
             self.stats.cache_misses += s["cache_misses"]
         return results
@@ -162,7 +164,8 @@ class TrialBatchEvaluator:
         active = list(range(len(trials)))
         scored: dict[int, list[float]] = {i: [] for i in active}
         reported: dict[int, set[int]] = {i: set() for i in active}
-        spent: dict[int, int] = {i: 0 for i in active}
+        spent: dict[int, int] = {i: 0 for i in active}  # tokens of the rows seen (cached or not)
+        generated: dict[int, int] = {i: 0 for i in active}  # tokens actually generated for the trial
         done_items = 0
         obj = self.objectives[0]
         if len(sizes) > 1:
@@ -181,14 +184,17 @@ class TrialBatchEvaluator:
                         reported[i].add(int(idx))
                     scored[i].extend(float(s) for s in per_item)
                     spent[i] += sum(int(r.get("num_tokens", 0)) for r in res.rows)
+                    generated[i] += int(getattr(res, "num_tokens_generated", 0))
                     if trials[i].should_prune():
                         n_eval = len(scored[i])
                         full = spent[i] * len(items) / max(1, n_eval)
                         saved = full - spent[i]
                         self.stats.trials_pruned += 1
                         self.stats.tokens_saved_by_pruning += saved
+                        self.stats.tokens_evaluated += spent[i]
                         mean = sum(scored[i]) / max(1, n_eval)
                         attrs = {"pruned": True, "items_evaluated": n_eval, "tokens_evaluated": spent[i],
+                                 "tokens_generated": generated[i],
                                  "tokens_saved_est": round(saved), "config": res.config.to_dict(only_set=True),
                                  "metrics": {obj.metric: {"value": mean, "ci_low": None, "ci_high": None}},
                                  "n_items": n_eval}
@@ -211,6 +217,8 @@ class TrialBatchEvaluator:
                 continue
             attrs = summarize_result(res, self.objectives)
             attrs["pruned"] = False
+            attrs["tokens_generated"] += generated[i]  # chunks generated before the full call
+            self.stats.tokens_evaluated += attrs["tokens_evaluated"]
             if self.pruning:
                 # the pruner pairs later trials with the best one item by item: it needs every item
                 for idx, score in zip(full_indices, res.per_item(obj.metric), strict=True):
@@ -225,7 +233,9 @@ class TrialBatchEvaluator:
             return self._call(configs, indices)
         except (KeyboardInterrupt, UserError):
             raise
-        except Exception:
+        except Exception as e:
+            log.warning("a batch of %d configs failed (%s: %s); retrying them one by one", len(configs),
+                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
             if len(configs) == 1:
                 return self._one(configs[0], indices, trials[0], on_done)
         out = []

@@ -183,6 +183,31 @@ class SearchSpace:
             changes["num_beams"] = 4
         return base.replace(**changes)
 
+    def baseline_point(self) -> dict[str, Any] | None:
+        """The searched values that reproduce DecodingConfig's defaults (greedy), if the space has them.
+
+        The tuner evaluates this point first, so the pruner has a reference from the start and the
+        search never reports a winner that is worse than the default on dev without saying so.
+        """
+        defaults = DecodingConfig()
+        values: dict[str, Any] = {}
+        fixed: dict[str, Any] = {}
+        for p in self.params:
+            if not self._active(p, {**fixed, **values}):
+                continue
+            if p.kind == "fixed":
+                fixed[p.name] = p.value
+                continue
+            v = getattr(defaults, p.name)
+            if p.kind == "categorical":
+                if v not in p.choices:
+                    return None
+            elif not (p.low <= v <= p.high) or (p.step and not _on_step(v, p)) or \
+                    (p.kind == "int" and v != int(v)):
+                return None
+            values[p.name] = v
+        return values
+
     def grid(self, seed: int | None = None) -> list[dict[str, Any]]:
         """Every point of a finite space (searched parameters only), shuffled when ``seed`` is given."""
         points: list[dict[str, Any]] = [{}]
@@ -204,6 +229,11 @@ class SearchSpace:
         if seed is not None:
             random.Random(seed).shuffle(points)
         return points
+
+
+def _on_step(v: float, p: Param) -> bool:
+    span = decimal.Decimal(str(v)) - decimal.Decimal(str(p.low))
+    return span % decimal.Decimal(str(p.step)) == 0
 
 
 # ==================================================================== defaults
