@@ -21,19 +21,30 @@ def lm(tiny_pair):
     return LMSuggestions(tiny_pair, top_k=40, rescore=6)
 
 
-def test_sequence_logprobs_match_the_model_loss(lm, tiny_pair):
-    """Padded batch scoring equals, per text, -(mean token NLL) * (tokens - 1) from the model's own loss."""
+def _total_logprob(model, ids):
+    """Sum of log p(token | tokens before) over all tokens but the first, from the model's own loss."""
+    if len(ids) < 2:
+        return 0.0
+    t = torch.tensor([ids])
+    with torch.no_grad():
+        return -model(t, labels=t).loss.item() * (len(ids) - 1)
+
+
+def test_continuation_scores_match_full_sequence_loss(lm, tiny_pair):
+    """Cached, batched candidate scores equal log p(prefix + cand + suffix) - log p(prefix), uncached."""
     model, tok = tiny_pair
-    texts = ["The quick brown fox.", "Paris is the capital of France and Berlin is the capital of Germany.", "sea"]
-    got = lm._sequence_logprobs(texts)
-    start = tok.bos_token_id
-    for text, score in zip(texts, got, strict=True):
-        ids = tok(text, add_special_tokens=True)["input_ids"]
-        ids = ids if ids and ids[0] == start else [start] + ids
-        t = torch.tensor([ids])
+    for head, suffix in [("The quick brown", " jumps over the lazy dog."), ("", " is the capital"), ("Paris", "")]:
+        ids = lm.prefix_ids(head)
+        suffix_ids = tok(suffix, add_special_tokens=False)["input_ids"] if suffix else []
+        cands = [5, 17, 42, 100]
+        cache = lm.new_cache()
         with torch.no_grad():
-            loss = model(t, labels=t).loss.item()
-        assert score == pytest.approx(-loss * (len(ids) - 1), rel=1e-4, abs=1e-4)
+            out = model(torch.tensor([ids]), use_cache=True, **{lm._cache_kwarg: cache})
+        got = lm.continuation_logprobs(cache, out.logits[0, -1], cands, suffix_ids)
+        base = _total_logprob(model, ids)
+        for c, score in zip(cands, got, strict=True):
+            ref = _total_logprob(model, [*ids, c, *suffix_ids]) - base
+            assert score == pytest.approx(ref, rel=1e-4, abs=1e-3)
 
 
 def test_candidates_are_the_top_whole_word_tokens_after_the_prefix(lm, tiny_pair):
@@ -66,6 +77,7 @@ def test_replacement_is_seeded_keeps_case_and_draws_from_the_softmax_of_scores(l
     picks = [lm.replacement(doc, 1, random.Random(s)) for s in range(20)]
     assert picks == [lm.replacement(doc, 1, random.Random(s)) for s in range(20)]
     assert all(p and p[0].isupper() and p[1:].islower() for p in picks)
+    assert lm.replacement(doc, 0, random.Random(0)) is None  # no left context: not replaced
     # frequencies of the drawn words follow softmax(sequence log-probabilities)
     cands = lm.suggest(doc.before(2), doc.after(2), exclude="brown")
     top = max(s for _, s in cands)

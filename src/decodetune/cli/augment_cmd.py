@@ -35,7 +35,6 @@ def augment_command(
         None, "--synonyms", help="synonym table (.tsv: word<TAB>syn..., .json: word -> list of synonyms) or 'lm' "
         "(the model's contextual suggestions; default)"),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="model for LM ops and 'lm' synonyms"),
-    raw: bool = typer.Option(False, "--raw", help="send LM-op prompts without the chat template"),
     paraphrase_template: Optional[str] = typer.Option(  # noqa: UP045
         None, "--paraphrase-template", help="instruction for paraphrase, with {text}"),
     backgen_examples: int = typer.Option(3, "--backgen-examples", help="example prompts shown per backgen call"),
@@ -78,12 +77,7 @@ def augment_command(
         raise UserError(f"--synonyms: {synonyms}: file not found (give a .tsv/.json table or 'lm')")
     rows = read_jsonl(input)
 
-    model_spec: Any = model
-    if raw:
-        from decodetune.models import load_model
-
-        model_spec = load_model(model, raw=True) if _needs_model(op_list, synonyms) else model
-    result = augment(rows, op_list, n, seed, field=field, rates=rate, synonyms=synonyms, model=model_spec,
+    result = augment(rows, op_list, n, seed, field=field, rates=rate, synonyms=synonyms, model=model,
                      config=config, filters=filters, keep_original=keep_original,
                      paraphrase_template=paraphrase_template or PARAPHRASE_TEMPLATE,
                      backgen_examples=backgen_examples, source=str(input), progress=progress)
@@ -105,14 +99,6 @@ def lm_config(config_flags: dict[str, Any]) -> Any:
         value = str(flags["early_stopping"]).strip().lower()
         flags["early_stopping"] = {"true": True, "false": False}.get(value, value)
     return DecodingConfig.from_dict({**DEFAULT_LM_CONFIG, **flags}, source="flags")
-
-
-def _needs_model(op_list: list[str], synonyms: str | None) -> bool:
-    from decodetune.train.augment.lm_ops import LM_OPS
-    from decodetune.train.augment.ops import SOURCE_OPS
-
-    return any(op in LM_OPS for op in op_list) or (
-        any(op in SOURCE_OPS for op in op_list) and synonyms in (None, "lm"))
 
 
 def _print_summary(counts: dict[str, dict[str, int]]) -> None:

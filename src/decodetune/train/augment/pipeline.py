@@ -33,6 +33,7 @@ from decodetune.train.augment.lm_ops import (
     default_lm_config,
     paraphrase_prompt,
     run_generations,
+    with_stops,
 )
 from decodetune.train.augment.ops import SOURCE_OPS, TOKEN_OPS, apply_token_op
 from decodetune.train.augment.synonyms import LMSuggestions, SynonymSource, SynonymTable
@@ -261,23 +262,41 @@ def _lm_candidates(op: str, texts: list[str], n: int, seed: int, loaded: Any, co
                    template: str, n_examples: int, progress: bool) -> list[list[str]]:
     prompts: list[str] = []
     seeds: list[int] = []
+    configs: list[DecodingConfig] = []
+    shown: list[list[str]] = []
     for i, text in enumerate(texts):
         for k in range(1, n + 1):
             if op == "paraphrase":
                 prompts.append(paraphrase_prompt(text, template))
+                shown.append([])
             else:
                 rng = variant_rng(seed, op, i, k)
                 others = [j for j in range(len(texts)) if j != i]
                 picks = rng.sample(others, min(n_examples - 1, len(others)))
                 examples = [texts[j] for j in picks] + [text]  # the row's own prompt comes last
-                prompts.append(backgen_prompt(examples, chat=bool(loaded.chat)))
+                prompts.append(backgen_prompt(examples))
+                shown.append(examples)
             seeds.append(variant_seed(seed, op, i, k))
+            configs.append(with_stops(config, text))
     if progress:
         import sys
 
         print(f"augment: {op}: {len(prompts)} generations", file=sys.stderr)
-    outs = run_generations(loaded, prompts, seeds, config, progress=progress)
-    return [[clean_generation(outs[i * n + k], texts[i]) for k in range(n)] for i in range(len(texts))]
+    outs = run_generations(loaded, prompts, seeds, configs, progress=progress)
+    result: list[list[str]] = []
+    for i, text in enumerate(texts):
+        row = []
+        for k in range(n):
+            cand = clean_generation(outs[i * n + k], text)
+            if any(_same(cand, e) for e in shown[i * n + k]):
+                cand = text  # a copied example is no new prompt: make it the row's own text, a "duplicate"
+            row.append(cand)
+        result.append(row)
+    return result
+
+
+def _same(a: str, b: str) -> bool:
+    return " ".join(a.split()) == " ".join(b.split())
 
 
 def _track(items: list[str], label: str, enabled: bool) -> Any:

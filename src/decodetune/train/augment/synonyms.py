@@ -8,6 +8,7 @@ not always synonyms (an antonym fits a context too) -- filters and a look at the
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import random
@@ -114,23 +115,39 @@ _ALPHA = re.compile(r"[A-Za-z]{2,}")
 
 
 class LMSuggestions:
-    """Words the causal LM finds likely in a masked slot, re-ranked with the text on both sides.
+    """Words the causal LM finds likely in a masked slot, re-ranked with the text after the slot.
 
     For a slot between ``prefix`` and ``suffix``: the ``top_k`` most likely next tokens after ``prefix``
     that are whole alphabetic words (single tokens, not stop words, not the word being replaced) are
-    candidates; the best ``rescore`` of them are re-scored by the log-probability of the whole text with the
-    candidate in place, so the words after the slot have a say. A word is drawn from the softmax of those
-    scores with the op's own RNG. Scores are cached per slot, so ``n`` variants of a row cost one pass per slot.
+    candidates; the best ``rescore`` of them are re-scored by ``log p(word, next window tokens | prefix)``,
+    so the words after the slot have a say (a causal LM cannot see them otherwise). The prefix is run once
+    and its KV cache shared by the candidates. A word is drawn from the softmax of those scores with the op's
+    own RNG. Results are cached per slot, so ``n`` variants of a row cost one pass per slot.
+    The first word of a text is never replaced and nothing is inserted before it: with no left context,
+    the model's guesses there are mostly word fragments.
     """
 
-    def __init__(self, model: Any, top_k: int = 50, rescore: int = 8):
+    def __init__(self, model: Any, top_k: int = 50, rescore: int = 6, window: int = 6):
         from decodetune.models import load_model
 
         self.loaded = load_model(model)
         self.top_k = top_k
         self.rescore = rescore
+        self.window = window
         self._cache: dict[tuple[str, str, str], list[tuple[str, float]]] = {}
-        self._vocab: tuple[Any, Any, list[str]] | None = None
+        self._vocab: tuple[Any, Any, Any, list[str]] | None = None
+        params = inspect.signature(self.loaded.model.forward).parameters
+        # transformers 5 renamed ``past_key_values`` to ``cache`` (the old name is deprecated)
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+
+    def new_cache(self) -> Any:
+        """An empty KV cache for the model (``DynamicCache``)."""
+        from transformers import DynamicCache
+
+        try:
+            return DynamicCache(config=self.loaded.model.config)
+        except TypeError:  # transformers < 4.56 takes no config
+            return DynamicCache()
 
     # --------------------------------------------------------------------- SynonymSource
     def can_replace(self, word: str) -> bool:
@@ -138,17 +155,20 @@ class LMSuggestions:
         return bool(_ALPHA.fullmatch(word)) and word.lower() not in STOP_WORDS
 
     def replacement(self, doc: WordText, i: int, rng: random.Random) -> str | None:
-        """A context-fitting word for slot ``i``, in the case of the word it replaces."""
+        """A context-fitting word for slot ``i``, in the case of the word it replaces (None for a first word
+        with nothing before it: there the model only guesses word fragments such as "Ne" or "Ad")."""
+        if not any(c.isalnum() for c in doc.before(i)):
+            return None
         cands = self.suggest(doc.before(i), doc.after(i), exclude=doc.words[i])
         return match_case(doc.words[i], _draw(cands, rng)) if cands else None
 
     def insertion(self, doc: WordText, rng: random.Random) -> tuple[int, str] | None:
-        """A word that fits a random slot of the text."""
+        """A word that fits a random slot after the first word."""
         n = len(doc.words)
-        slot = rng.randint(0, n)
         if n == 0:
-            prefix, suffix = doc.gaps[0], ""
-        elif slot < n:  # new word, a space, then word `slot` (see WordText.insert)
+            return None
+        slot = rng.randint(1, n)
+        if slot < n:  # new word, a space, then word `slot` (see WordText.insert)
             prefix, suffix = doc.before(slot), " " + doc.words[slot] + doc.after(slot)
         else:  # last word, a space, the new word, then the trailing gap
             prefix, suffix = doc.before(n - 1) + doc.words[n - 1] + " ", doc.gaps[n]
@@ -157,69 +177,70 @@ class LMSuggestions:
 
     # --------------------------------------------------------------------- scoring
     def suggest(self, prefix: str, suffix: str, exclude: str) -> list[tuple[str, float]]:
-        """Candidate words for the slot between ``prefix`` and ``suffix``, with log-probability scores."""
+        """Candidate words for the slot between ``prefix`` and ``suffix``, best first, with their scores."""
         key = (prefix, suffix, exclude.lower())
         if key not in self._cache:
             self._cache[key] = self._suggest(prefix, suffix, exclude.lower())
         return self._cache[key]
 
+    def prefix_ids(self, head: str) -> list[int]:
+        """Token ids of the text before a slot (a start token when it is empty or has none)."""
+        tok = self.loaded.tokenizer
+        start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        ids = list(tok(head, add_special_tokens=True)["input_ids"]) if head else []
+        return ids if ids and ids[0] == start else [int(start), *ids]
+
     def _suggest(self, prefix: str, suffix: str, exclude: str) -> list[tuple[str, float]]:
         import torch
 
         tok, model = self.loaded.tokenizer, self.loaded.model
-        space_mask, bare_mask, words = self._vocabulary()
+        space_mask, bare_mask, cap_mask, words = self._vocabulary()
         head = prefix.rstrip()
         spaced = len(head) < len(prefix)
-        ids = list(tok(head, add_special_tokens=True)["input_ids"]) if head else []
-        if not ids:
-            start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-            ids = [int(start)]
+        ids = self.prefix_ids(head)
+        cache = self.new_cache()
         with torch.inference_mode():
-            logits = model(torch.tensor([ids], device=self.loaded.device)).logits[0, -1].float()
-        allowed = (space_mask if spaced else bare_mask).to(logits.device)
-        logits = logits.masked_fill(~allowed, float("-inf"))
-        k = min(self.top_k, int(allowed.sum()))
-        order = torch.topk(logits, k).indices.tolist()
-        picked: list[str] = []
-        for tid in order:
+            out = model(torch.tensor([ids], device=self.loaded.device), use_cache=True, **{self._cache_kwarg: cache})
+        last = out.logits[0, -1].float()
+        # with nothing before the slot only capitalised pieces (lowercase ones there are fragments, "ke")
+        allowed = (space_mask if spaced else bare_mask if head.strip() else cap_mask).to(last.device)
+        masked = last.masked_fill(~allowed, float("-inf"))
+        picked: list[int] = []
+        for tid in torch.topk(masked, min(self.top_k, int(allowed.sum()))).indices.tolist():
             word = words[tid]
-            if word.lower() == exclude or word.lower() in STOP_WORDS or word in picked:
+            if word.lower() == exclude or word.lower() in STOP_WORDS or any(words[p] == word for p in picked):
                 continue
-            picked.append(word)
+            picked.append(tid)
             if len(picked) == self.rescore:
                 break
         if not picked:
             return []
-        texts = [head + (" " if spaced else "") + w + suffix for w in picked]
-        scores = self._sequence_logprobs(texts)
-        return sorted(zip(picked, scores, strict=True), key=lambda t: -t[1])
+        suffix_ids = list(tok(suffix, add_special_tokens=False)["input_ids"])[: self.window] if suffix else []
+        scores = self.continuation_logprobs(cache, last, picked, suffix_ids)
+        return sorted(((words[t], sc) for t, sc in zip(picked, scores, strict=True)), key=lambda t: -t[1])
 
-    def _sequence_logprobs(self, texts: list[str]) -> list[float]:
+    def continuation_logprobs(self, cache: Any, last_logits: Any, token_ids: list[int],
+                              suffix_ids: list[int]) -> list[float]:
+        """``log p(token, *suffix_ids | prefix)`` for each candidate token, from the prefix's KV cache and its
+        last logits (the cache is expanded in place, one copy per candidate)."""
         import torch
 
-        tok, model = self.loaded.tokenizer, self.loaded.model
-        start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-        rows = []
-        for t in texts:
-            ids = list(tok(t, add_special_tokens=True)["input_ids"])
-            if not ids or ids[0] != start:
-                ids = [int(start)] + ids  # every token, the first included, is scored given a start token
-            rows.append(ids)
-        width = max(len(r) for r in rows)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        input_ids = torch.full((len(rows), width), int(pad), dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for j, r in enumerate(rows):
-            input_ids[j, : len(r)] = torch.tensor(r)
-            mask[j, : len(r)] = 1
+        first = torch.log_softmax(last_logits, dim=-1)[token_ids]
+        if not suffix_ids:
+            return first.tolist()
         dev = self.loaded.device
+        cont = torch.tensor([[t, *suffix_ids] for t in token_ids], device=dev)
+        cache.batch_repeat_interleave(len(token_ids))
+        past = cache.get_seq_length()
+        mask = torch.ones((len(token_ids), past + cont.shape[1]), dtype=torch.long, device=dev)
         with torch.inference_mode():
-            logits = model(input_ids.to(dev), attention_mask=mask.to(dev)).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None].to(dev))[..., 0]
-        return (logp * mask[:, 1:].to(dev)).sum(dim=1).tolist()
+            logits = self.loaded.model(cont, attention_mask=mask, use_cache=True,
+                                       **{self._cache_kwarg: cache}).logits.float()
+        rest = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, cont[:, 1:, None])[..., 0].sum(dim=1)
+        return (first + rest).tolist()
 
-    def _vocabulary(self) -> tuple[Any, Any, list[str]]:
-        """Per token id: is it ``" word"``, is it ``"word"``, and the word (decoded once per model)."""
+    def _vocabulary(self) -> tuple[Any, Any, Any, list[str]]:
+        """Per token id: is it ``" word"``, ``"word"``, ``"Word"``, and the word (decoded once per model)."""
         if self._vocab is None:
             import torch
 
@@ -239,7 +260,8 @@ class LMSuggestions:
                 elif _ALPHA.fullmatch(text):
                     bare[tid] = True
                     words[tid] = text
-            self._vocab = (space, bare, words)
+            cap = bare & torch.tensor([w[:1].isupper() for w in words], dtype=torch.bool)
+            self._vocab = (space, bare, cap, words)
         return self._vocab
 
 
