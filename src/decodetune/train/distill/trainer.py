@@ -254,19 +254,21 @@ def _bar(enabled: bool, total: int, desc: str) -> Any:
 def distill(teacher: Any, spec: StudentSpec, rows: list[Row], cfg: DistillConfig, out_dir: str | Path | None = None,
             checkpoint_dir: str | Path | None = None, resume: bool = False, progress: bool = False,
             stop_after: int | None = None, overwrite: bool = False,
-            teacher_cache: TeacherLogitCache | None = None) -> DistillResult:
+            teacher_cache: TeacherLogitCache | None = None,
+            completions: list[list[int]] | None = None) -> DistillResult:
     """Distil ``teacher`` (a LoadedModel) into a new student described by ``spec``.
 
     ``rows`` are prompt rows (see :mod:`.data`; augment them with :func:`.data.prepare_rows` first).
     ``teacher_cache`` keeps the teacher's logits of off-policy examples between epochs (and between
-    runs sharing the cache); without it the teacher runs on every batch.
+    runs sharing the cache); without it the teacher runs on every batch. ``completions`` (token ids, one
+    list per row) replaces the rows' completions, e.g. teacher generations made beforehand.
     Writes a HF model directory to ``out_dir`` (atomically, rank 0) when given. ``stop_after`` ends the
     run after that many total steps as if interrupted (the last checkpoint stays), for tests and budgets.
     """
     rank, world, device, created = setup_distributed()
     try:
         return _distill(teacher, spec, rows, cfg, out_dir, checkpoint_dir, resume, progress, stop_after,
-                        overwrite, rank, world, device, teacher_cache)
+                        overwrite, rank, world, device, teacher_cache, completions)
     finally:
         if created:
             import torch.distributed as dist
@@ -276,7 +278,8 @@ def distill(teacher: Any, spec: StudentSpec, rows: list[Row], cfg: DistillConfig
 
 def _distill(teacher: Any, spec: StudentSpec, rows: list[Row], cfg: DistillConfig, out_dir: Any,
              checkpoint_dir: Any, resume: bool, progress: bool, stop_after: int | None, overwrite: bool,
-             rank: int, world: int, device: torch.device, teacher_cache: TeacherLogitCache | None) -> DistillResult:
+             rank: int, world: int, device: torch.device, teacher_cache: TeacherLogitCache | None,
+             given: list[list[int]] | None) -> DistillResult:
     cfg.validate(world)
     if out_dir is not None and Path(out_dir).exists() and not overwrite and any(Path(out_dir).iterdir()):
         raise UserError(f"{out_dir}: already exists; pass --overwrite to replace it")
@@ -285,9 +288,14 @@ def _distill(teacher: Any, spec: StudentSpec, rows: list[Row], cfg: DistillConfi
     ckpt_root = Path(checkpoint_dir) if checkpoint_dir is not None else None
     torch.use_deterministic_algorithms(True, warn_only=True)
     teacher.model.to(device).eval()
-    source = resolve_source(rows, cfg.source)
-    completions = (teacher_completions(teacher, rows, cfg, rank, world, ckpt_root, progress)
-                   if source == "teacher" else None)
+    if given is not None:
+        if len(given) != len(rows):
+            raise UserError(f"completions: {len(given)} given for {len(rows)} rows")
+        source, completions = "given", given
+    else:
+        source = resolve_source(rows, cfg.source)
+        completions = (teacher_completions(teacher, rows, cfg, rank, world, ckpt_root, progress)
+                       if source == "teacher" else None)
     examples = build_examples(teacher, rows, completions, cfg.max_length)
     pad_id = teacher.tokenizer.pad_token_id if teacher.tokenizer.pad_token_id is not None else 0
     student, info = build_student(teacher.model, spec, seed=cfg.seed)
