@@ -164,3 +164,16 @@ def test_smollm2_greedy_and_beam_match_transformers(smollm2):
         for g, ref in zip(ours, theirs, strict=True):
             assert g.token_ids == ref[:len(g.token_ids)]
             assert all(t == tok.pad_token_id for t in ref[len(g.token_ids):])
+
+
+def test_masking_finished_rows_gives_the_same_tokens(lm, monkeypatch):
+    """Finished rows are dropped from the batch; the masked alternative (kept for the benchmark) agrees."""
+    from decodetune.decoding import engine
+
+    configs = [DecodingConfig(max_new_tokens=n) for n in (3, 20, 9, 14)]
+    configs[2] = DecodingConfig(strategy="sample", seed=4, max_new_tokens=9, top_k=30)
+    dropped = generate(lm, PROMPTS, configs)
+    monkeypatch.setattr(engine, "COMPACT_FINISHED_ROWS", False)
+    masked = generate(lm, PROMPTS, configs)
+    assert [g.token_ids for g in dropped] == [g.token_ids for g in masked]
+    assert [len(g.token_ids) for g in dropped] != [20] * 4

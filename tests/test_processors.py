@@ -247,3 +247,16 @@ def test_inactive_processors_are_skipped():
     logits = random_logits(1, vocab=20)
     assert apply_processors(logits, state) is logits  # nothing ran, not even a copy
     assert apply_samplers(logits, RowParams.from_configs([DecodingConfig(strategy="sample")], "cpu")) is logits
+
+
+@pytest.mark.parametrize("scale", [8.0, 2.5, 0.05])  # peaky: top-256 suffices; flatter: 2048; flat: full sort
+@pytest.mark.parametrize("min_keep", [1, 2])
+def test_top_p_partial_sort_path_matches_transformers(scale, min_keep):
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(5, 6000, generator=g) * scale
+    values = [0.1, 0.5, 0.9, 1.0, 0.97]
+    ours = S.top_p(logits, rows_of(top_p=values), min_keep)
+    ref = hf_rowwise(logits, [hf.TopPLogitsWarper(v, min_tokens_to_keep=min_keep) if v < 1 else None
+                              for v in values])
+    same_support(ours, ref)
+    same_support(ours, S._top_p_sorted(logits, rows_of(top_p=values), min_keep))

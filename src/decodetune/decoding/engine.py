@@ -26,6 +26,10 @@ from decodetune.decoding.stopping import RowStopper, StopStrings, final_text
 from decodetune.decoding.types import Generation
 from decodetune.errors import UserError
 
+#: Drop finished rows from the batch (index the KV cache) rather than keep computing them masked.
+#: Measured in benchmarks/bench_generate.py; switchable only for that measurement.
+COMPACT_FINISHED_ROWS = True
+
 
 @dataclass
 class _Row:
@@ -141,6 +145,8 @@ def _decode_flat(runner: ModelRunner, rows: Sequence[_Row], pad: int, eos: list[
         state.append(tokens)
         done: list[int] = []
         for j, b in enumerate(active):
+            if finished[b] is not None:  # only when finished rows are masked instead of dropped
+                continue
             tok = int(host_tok[j])
             tokens_out[b].append(tok)
             lp_out[b].append(host_lp[j])
@@ -156,9 +162,10 @@ def _decode_flat(runner: ModelRunner, rows: Sequence[_Row], pad: int, eos: list[
                 done.append(j)
         if done:
             advance(len(done))
-            keep = [j for j in range(len(active)) if j not in set(done)]
+            keep = [j for j, b in enumerate(active) if finished[b] is None]
             if not keep:
                 break
+        if done and COMPACT_FINISHED_ROWS:
             keep_t = torch.tensor(keep, device=device)
             cache.reorder_cache(keep_t)
             mask, next_pos, tokens = mask[keep_t], next_pos[keep_t], tokens[keep_t]

@@ -10,9 +10,12 @@ p >= min(eta, sqrt(eta) * exp(-entropy)), Hewitt et al. 2022). Truncations never
 Rows run the stages in their own ``full_sampler_order``; rows with different orders in one batch are
 grouped by order. A stage whose parameter is neutral on every row is skipped.
 
-Drawing: ``argmax(probs / E)`` with ``E ~ Exponential(1)`` i.i.d. per token (the "exponential race", an
-exact draw from ``probs``). Each row owns a ``torch.Generator`` seeded from its own seed and consumes
-exactly one vocabulary-sized draw per step, so its tokens depend on nothing but (prompt, config, seed).
+Drawing: each row owns a ``torch.Generator`` seeded from its own seed and consumes a fixed amount of it per
+step, so its tokens depend on nothing but (prompt, config, seed), never on the rest of the batch. A flat
+row draws one uniform ``u`` per step and takes the token where the float64 cumulative distribution crosses
+``u`` (inverse CDF, what ``torch.multinomial`` does, but with the row's own stream); stochastic beam search
+needs a sample *without replacement* and uses the exponential race instead: the top-k of
+``probs / E`` with ``E ~ Exponential(1)`` i.i.d. per candidate (Gumbel-top-k).
 """
 
 from __future__ import annotations
@@ -48,7 +51,30 @@ def top_k(logits: torch.Tensor, rows: RowParams, min_keep: int) -> torch.Tensor:
 
 
 def top_p(logits: torch.Tensor, rows: RowParams, min_keep: int) -> torch.Tensor:
-    """Nucleus: drop the least likely tokens whose cumulative mass is <= 1 - p (transformers' rule)."""
+    """Nucleus: drop the least likely tokens whose cumulative mass is <= 1 - p (transformers' rule).
+
+    That rule keeps a token iff the mass of the tokens ranked above it is < p. So when the ``k`` most likely
+    tokens of every row already hold mass >= p, everything below them goes and only those ``k`` need
+    ranking: a partial top-k (k = 256, then 2048) instead of a full vocabulary sort, ~8-40x cheaper.
+    """
+    p = rows.tensor("top_p").unsqueeze(1)
+    vocab = logits.shape[1]
+    probs = logits.softmax(dim=1)
+    k = 256
+    while k * 4 < vocab:
+        top, idx = torch.topk(probs, k, dim=1)
+        if bool(((top.sum(dim=1, keepdim=True) >= p) | (p >= 1)).all()):
+            keep = (top.cumsum(dim=1) - top) < p
+            keep[:, :min_keep] = True
+            out = torch.full_like(logits, NEG_INF).scatter_(
+                1, idx, torch.where(keep, logits.gather(1, idx), NEG_INF))
+            return torch.where(p >= 1, logits, out)
+        k *= 8
+    return _top_p_sorted(logits, rows, min_keep)
+
+
+def _top_p_sorted(logits: torch.Tensor, rows: RowParams, min_keep: int) -> torch.Tensor:
+    """transformers' implementation over a full sort (small vocabularies, flat distributions)."""
     sorted_logits, sorted_idx = torch.sort(logits, dim=1, descending=False)
     cumulative = sorted_logits.softmax(dim=1).cumsum(dim=1)
     remove = cumulative <= (1 - rows.tensor("top_p")).unsqueeze(1)
@@ -148,9 +174,12 @@ def exponential_noise(shape: tuple[int, int], generators: Sequence[torch.Generat
 
 
 def draw(probs: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
-    """One token per row from ``probs`` (rows sum to 1), by the exponential race."""
-    noise = exponential_noise((probs.shape[0], probs.shape[1]), generators, probs.device)
-    return (probs / noise).argmax(dim=1)
+    """One token per row from ``probs`` (rows sum to 1, up to rounding), by inverse CDF on one uniform per row."""
+    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64, device=probs.device) for g in generators])
+    cdf = probs.to(torch.float64).cumsum_(dim=1)
+    idx = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
+    # u < 1, so only rounding could land past the last token; fall back to the most likely one there
+    return torch.where(idx < probs.shape[1], idx, probs.argmax(dim=1))
 
 
 def row_seed(seed: int, sequence_index: int) -> int:
