@@ -3,7 +3,8 @@
 Token-level ops in the EDA family (swap, delete, insert, synonym) that keep case, digits and punctuation;
 LM-based ops (paraphrase, back-generation) that run through decodetune's engine; filters for duplicates,
 near-duplicates, lengths and answer preservation. Other commands call :func:`augment_rows` (rows of a data
-set) or :func:`augment_texts` (plain prompts).
+set), :func:`augment_texts` (plain prompts), :func:`augment_task` (a task split) or :func:`robustness`
+(a task's metric on original against augmented prompts, per config).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from decodetune.train.augment.pipeline import (
     parse_ops,
     parse_rates,
 )
+from decodetune.train.augment.robustness import Robustness, augment_task, robustness
 from decodetune.train.augment.synonyms import LMSuggestions, SynonymTable
 
-__all__ = ["ALL_OPS", "ANSWER_FIELDS", "AugmentResult", "Filters", "LMSuggestions", "LM_OPS", "SynonymTable",
-           "TOKEN_OPS", "augment", "augment_rows", "augment_texts", "compile_preserve", "parse_ops",
-           "parse_rates"]
+__all__ = ["ALL_OPS", "ANSWER_FIELDS", "AugmentResult", "Filters", "LMSuggestions", "LM_OPS", "Robustness",
+           "SynonymTable", "TOKEN_OPS", "augment", "augment_rows", "augment_task", "augment_texts",
+           "compile_preserve", "parse_ops", "parse_rates", "robustness"]
