@@ -65,14 +65,17 @@ def test_distill_writes_a_loadable_model_and_distill_eval_reports(tmp_path, teac
     assert r["completion_tokens"] > 0 and r["source"] == "data"
 
 
-def test_sequence_kd_from_teacher_generations(tmp_path, teacher_dir, data_files):
+def test_sequence_kd_and_on_policy(tmp_path, teacher_dir, data_files):
     out = tmp_path / "seqkd"
     cfg = tmp_path / "teacher.json"
     cfg.write_text(json.dumps({"strategy": "sample", "temperature": 0.8, "max_new_tokens": 6}))
-    args = _args(teacher_dir, data_files, out, "--loss", "ce", "--teacher-config", str(cfg), data="prompts.jsonl")
+    args = _args(teacher_dir, data_files, out, "--loss", "jsd", "--teacher-config", str(cfg), "--on-policy", "0.5",
+                 "--max-new-tokens", "6", data="prompts.jsonl")
     assert main(args) == 0
     meta = json.loads((out / "distill.json").read_text())
     assert meta["info"]["source"] == "teacher"
+    history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sum(h["on_policy_examples"] for h in history) > 0  # student samples via the decoding engine
     cached = list((tmp_path / "seqkd.checkpoints").glob("teacher-*.json"))
     assert len(cached) == 1 and all(0 < len(c) <= 6 for c in json.loads(cached[0].read_text()))
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -65,7 +66,7 @@ def distill_command(
                                                help="max share of teacher non-embedding params"),
 ) -> None:
     """Distil a teacher into a smaller Llama student; writes a HF model directory."""
-    from decodetune.train.distill.data import load_rows, prepare_rows
+    from decodetune.train.distill.data import load_rows
     from decodetune.train.distill.student import StudentSpec
     from decodetune.train.distill.trainer import DistillConfig
 
@@ -79,17 +80,23 @@ def distill_command(
                         teacher_decoding=_decoding_dict(teacher_config, defaults.teacher_decoding, max_new_tokens),
                         student_decoding=_decoding_dict(student_config, defaults.student_decoding, max_new_tokens))
     cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
-    rows = prepare_rows(load_rows(data, split))
+    rows = load_rows(data, split)
     run_distill(teacher, spec, rows, cfg, out, checkpoint_dir or out.with_name(out.name + ".checkpoints"),
                 resume, overwrite, max_student_fraction)
 
 
 def run_distill(teacher: str, spec: Any, rows: list[dict[str, Any]], cfg: Any, out: Path, checkpoint_dir: Path,
-                resume: bool, overwrite: bool, max_student_fraction: float = 1.0) -> Any:
-    """Shared by the CLI and callers that prepared their own rows (e.g. augmented ones)."""
+                resume: bool, overwrite: bool, max_student_fraction: float = 1.0,
+                augment: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None) -> Any:
+    """Load the teacher and train; ``augment(rows) -> rows`` (optional) transforms the prompt rows first.
+
+    This is the entry for ``distill --augment``: pass the augmentation as ``augment``.
+    """
+    from decodetune.train.distill.data import prepare_rows
     from decodetune.train.distill.student import build_student, check_param_budget
     from decodetune.train.distill.trainer import distill
 
+    rows = prepare_rows(rows, augment)
     lm = _load(teacher)
     if max_student_fraction < 1.0:
         probe, info = build_student(lm.model, spec, seed=cfg.seed)
