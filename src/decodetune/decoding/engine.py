@@ -221,9 +221,10 @@ class _progress:
     def __enter__(self) -> Callable[[int], None]:
         if not self.enabled:
             return lambda n: None
+        from rich.console import Console
         from rich.progress import Progress
 
-        self._bar = Progress(transient=False)
+        self._bar = Progress(console=Console(stderr=True), transient=False)
         self._bar.start()
         task = self._bar.add_task("generating", total=self.total)
         return lambda n: self._bar.advance(task, n)  # type: ignore[union-attr]
