@@ -107,6 +107,20 @@ def test_augment_texts():
                for t in out)
 
 
+def test_row_augmenter_for_hooks_keeps_line_numbers():
+    from decodetune.train.augment import row_augmenter
+
+    rows = [{"prompt": "alpha beta gamma delta", "completion": "x", "_line": 3},
+            {"prompt": "one two three four", "completion": None, "_line": 9}]
+    run = row_augmenter("swap,delete", n=2, seed=0)
+    out = run(rows)
+    assert [r["_line"] for r in out] == [3 if r["aug_source"] == 0 else 9 for r in out]
+    assert all(r["completion"] == rows[r["aug_source"]]["completion"] for r in out)
+    assert rows[0] == {"prompt": "alpha beta gamma delta", "completion": "x", "_line": 3}
+    with pytest.raises(UserError, match="unknown op"):
+        row_augmenter("nope")
+
+
 def test_parse_ops_and_rates():
     assert parse_ops("swap, delete,swap") == ["swap", "delete"]
     assert parse_rates("0.3") == {"swap": 0.3, "delete": 0.3, "insert": 0.3, "synonym": 0.3}

@@ -21,10 +21,11 @@ from decodetune.train.augment.pipeline import (
     augment_texts,
     parse_ops,
     parse_rates,
+    row_augmenter,
 )
 from decodetune.train.augment.robustness import Robustness, augment_task, robustness
 from decodetune.train.augment.synonyms import LMSuggestions, SynonymTable
 
 __all__ = ["ALL_OPS", "ANSWER_FIELDS", "AugmentResult", "Filters", "LMSuggestions", "LM_OPS", "Robustness",
            "SynonymTable", "TOKEN_OPS", "augment", "augment_rows", "augment_task", "augment_texts",
-           "compile_preserve", "parse_ops", "parse_rates", "robustness"]
+           "compile_preserve", "parse_ops", "parse_rates", "robustness", "row_augmenter"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 from pathlib import Path
@@ -102,6 +102,25 @@ def augment_rows(rows: list[dict[str, Any]], ops: str | Sequence[str], n: int = 
                  **kwargs: Any) -> list[dict[str, Any]]:
     """Augmented rows (see the module docstring for layout and fields). Keywords: as :func:`augment`."""
     return augment(rows, ops, n, seed, **kwargs).rows
+
+
+def row_augmenter(ops: str | Sequence[str], n: int = 1, seed: int = 0,
+                  **kwargs: Any) -> Callable[[list[dict[str, Any]]], list[dict[str, Any]]]:
+    """An ``augment(rows) -> rows`` callable for hooks such as distillation's ``prepare_rows``.
+
+    Ops and rates are checked now; each output row keeps its source row's ``_line`` (for error messages).
+    """
+    parse_ops(ops)
+    parse_rates(kwargs.get("rates"))
+
+    def run(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        out = augment(rows, ops, n, seed, **kwargs).rows
+        for row in out:
+            if "_line" in rows[row["aug_source"]]:
+                row["_line"] = rows[row["aug_source"]]["_line"]
+        return out
+
+    return run
 
 
 def augment_texts(texts: Sequence[str], ops: str | Sequence[str], n: int = 1, seed: int = 0,
