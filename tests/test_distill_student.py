@@ -78,6 +78,15 @@ def test_save_and_load_round_trip(tmp_path, tiny_tokenizer, norm: str) -> None:
     loaded, tok = load_student(out)
     ids = torch.tensor([[1, 5, 6, 7, 8, 9]])
     assert torch.allclose(loaded(input_ids=ids).logits, student(input_ids=ids).logits, atol=1e-5)
+    from decodetune import generate, load_model
+    from decodetune.config import DecodingConfig
+
+    lm = load_model(str(out), reuse=False)  # what every other command (tune, eval...) does
+    assert torch.allclose(lm.model(input_ids=ids).logits, student(input_ids=ids).logits, atol=1e-5)
+    greedy = generate(lm, ["The quick brown"], DecodingConfig(max_new_tokens=5))[0].token_ids
+    want = student.generate(torch.tensor([lm.encode("The quick brown")]), max_new_tokens=5, do_sample=False,
+                            eos_token_id=2, pad_token_id=0)[0, len(lm.encode("The quick brown")):].tolist()
+    assert greedy == want[: len(greedy)] and greedy
     if norm == "rmsnorm":  # a stock Llama: plain transformers loads it, no remote code
         from transformers import LlamaForCausalLM
 
