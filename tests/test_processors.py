@@ -92,7 +92,7 @@ def test_eta_cutoff_hewitt(eta):
     assert kept(S.eta_cutoff(LOGITS, rows_of(eta_cutoff=[eta]), 1)) == [expected]
 
 
-def test_exponential_race_is_exact_sampling_chi_square():
+def test_draw_is_exact_sampling_chi_square():
     probs = torch.tensor([[0.4, 0.3, 0.15, 0.1, 0.05, 0.0]])
     gen = make_generator(1234, torch.device("cpu"))
     n = 20000
@@ -104,6 +104,22 @@ def test_exponential_race_is_exact_sampling_chi_square():
     # the test has power: the same draws are far from a slightly different distribution
     wrong = np.array([0.37, 0.33, 0.15, 0.1, 0.05]) * n
     assert stats.chisquare(counts[:5], wrong).pvalue < 1e-6
+
+
+def test_exponential_race_top2_is_sampling_without_replacement():
+    """Stochastic beam search's draw: top-k of probs / Exponential(1) = sequential draws without replacement."""
+    probs = torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05])
+    n = 20000
+    gens = [make_generator(s, torch.device("cpu")) for s in range(8)]
+    picks = []
+    for _ in range(n // 8):
+        keys = probs / S.exponential_noise((8, 5), gens, torch.device("cpu"))
+        picks += [tuple(r) for r in torch.topk(keys, 2, dim=1).indices.tolist()]
+    pairs = [(i, j) for i in range(5) for j in range(5) if i != j]
+    observed = np.array([picks.count(pr) for pr in pairs], dtype=float)
+    p = probs.double().numpy()
+    expected = np.array([p[i] * p[j] / (1 - p[i]) for i, j in pairs]) * n
+    assert stats.chisquare(observed, expected * observed.sum() / expected.sum()).pvalue > 1e-3
 
 
 # ---------------------------------------------------------------- transformers' classes, per-row parameters
