@@ -86,8 +86,8 @@ def tune(model: Any, task: Any, *, search: str = "tpe", n_trials: int = 20,
          budget_tokens: int | None = None, repeats: int = 1, seed: int = 0, limit: int | None = None,
          out_dir: str | Path = "decodetune-out", batch_trials: int | None = None, prune: bool = True,
          final_test: bool = True, progress: bool = False, console: Any = None,
-         evaluate_many: Callable[..., list[Any]] | None = None, compare: Callable[..., Any] | None = None,
-         ) -> TuneResult:
+         model_options: dict[str, Any] | None = None, evaluate_many: Callable[..., list[Any]] | None = None,
+         compare: Callable[..., Any] | None = None) -> TuneResult:
     """Search decoding hyperparameters of ``model`` on ``task``'s dev split.
 
     Re-running with the same study (name and storage) continues it: completed trials count toward
@@ -116,7 +116,7 @@ def tune(model: Any, task: Any, *, search: str = "tpe", n_trials: int = 20,
 
     from decodetune.models import load_model
 
-    loaded = load_model(model)
+    loaded = load_model(model, **(model_options or {})) if isinstance(model, str) else load_model(model)
     name = study_name or default_study_name(getattr(loaded, "name", "model"), task.name, search)
     n_obj = len(objs)
     pruning = bool(prune and n_obj == 1 and not objs[0].corpus and len(splits.dev_indices) > 8)

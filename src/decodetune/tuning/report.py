@@ -1,0 +1,293 @@
+"""One self-contained HTML report of a study, and the terminal summary, from the storage alone.
+
+Everything comes from the study: trial params/values/user attributes (metrics with CIs, tokens, pruning)
+and study user attributes written by :func:`decodetune.tuning.tune` (model, task, objectives, totals, and
+``final``: the test-split comparison, dev-to-test gap and example generations). Plots are Optuna's
+plotly figures; plotly.js is inlined once, so the page opens offline.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+from decodetune.errors import UserError
+from decodetune.io import atomic_write
+
+
+def load_study(storage: str, study_name: str | None) -> Any:
+    """Open a stored study; without a name, the storage's only study. Errors name what exists."""
+    import optuna
+
+    from decodetune.tuning.study import resolve_storage
+
+    if "://" not in storage and not Path(storage).exists():
+        raise UserError(f"--storage: {storage} does not exist")
+    info = resolve_storage(storage, Path("."))
+    names = [s.study_name for s in optuna.get_all_study_summaries(info.storage, include_best_trial=False)]
+    if study_name is None:
+        if len(names) != 1:
+            raise UserError(f"--study-name: the storage holds {len(names)} studies"
+                            + (f" ({', '.join(names)}); name one" if names else ""))
+        study_name = names[0]
+    if study_name not in names:
+        raise UserError(f"--study-name: no study {study_name!r} in the storage"
+                        + (f"; it has {', '.join(names)}" if names else " (it is empty)"))
+    return optuna.load_study(study_name=study_name, storage=info.storage)
+
+
+def _objectives(study: Any) -> list[tuple[str, str]]:
+    objs = study.user_attrs.get("objectives") or []
+    out = []
+    for i, d in enumerate(study.directions):
+        name, _, direction = (objs[i] if i < len(objs) else f"objective_{i}").partition(":")
+        out.append((name, direction or ("max" if d.name == "MAXIMIZE" else "min")))
+    return out
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.{digits}g}"
+    return str(v)
+
+
+def _ci(m: dict[str, Any] | None) -> str:
+    if not m:
+        return "–"
+    s = _fmt(m.get("value"))
+    if m.get("ci_low") is not None and m.get("ci_high") is not None:
+        s += f" [{_fmt(m['ci_low'], 3)}, {_fmt(m['ci_high'], 3)}]"
+    return s
+
+
+def collect(study: Any) -> dict[str, Any]:
+    """Plain data the HTML page and the terminal summary both show."""
+    from optuna.trial import TrialState
+
+    from decodetune.tuning.core import best_trials
+    from decodetune.tuning.objectives import Objective
+
+    objs = _objectives(study)
+    trials = study.get_trials(deepcopy=False)
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    winners = best_trials(study, [Objective(n, d) for n, d in objs])
+    sign = 1 if objs[0][1] == "max" else -1
+    ranked = sorted(done, key=lambda t: (t.user_attrs.get("pruned", False), -sign * t.values[0]))
+    return {
+        "name": study.study_name, "attrs": dict(study.user_attrs), "objectives": objs,
+        "n_complete": sum(1 for t in done if not t.user_attrs.get("pruned")),
+        "n_pruned": sum(1 for t in done if t.user_attrs.get("pruned")),
+        "n_failed": sum(1 for t in trials if t.state == TrialState.FAIL),
+        "n_running": sum(1 for t in trials if t.state == TrialState.RUNNING),
+        "best": winners, "ranked": ranked, "done": done,
+        "failed": [t for t in trials if t.state == TrialState.FAIL],
+    }
+
+
+def _trial_row(t: Any, objs: list[tuple[str, str]]) -> list[str]:
+    metrics = t.user_attrs.get("metrics", {})
+    vals = [_ci(metrics.get(n)) for n, _ in objs]
+    flags = f"pruned after {t.user_attrs.get('items_evaluated')} items" if t.user_attrs.get("pruned") else ""
+    if t.user_attrs.get("baseline"):
+        flags = (flags + "; " if flags else "") + "default config"
+    cfg = t.user_attrs.get("config") or t.params
+    return [str(t.number), *vals, ", ".join(f"{k}={_fmt(v)}" for k, v in cfg.items()),
+            str(t.user_attrs.get("tokens_generated", "")), flags]
+
+
+# ============================================================ terminal
+def print_summary(study: Any, console: Any = None, top: int = 8) -> None:
+    """Rich tables: best trials, totals, and the test-split comparison when there is one."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    d = collect(study)
+    objs = d["objectives"]
+    table = Table(title=f"study {d['name']}: best trials on {d['attrs'].get('dev_split', 'dev')}")
+    for col in ["#", *[f"{n} ({dr})" for n, dr in objs], "config", "tokens", "note"]:
+        table.add_column(col, overflow="fold")
+    for t in d["ranked"][:top]:
+        table.add_row(*_trial_row(t, objs))
+    console.print(table)
+    totals = d["attrs"].get("totals", {})
+    console.print(f"trials: {d['n_complete']} complete, {d['n_pruned']} pruned, {d['n_failed']} failed; "
+                  f"generated tokens: {totals.get('tokens_generated', 0)}; saved by pruning (est.): "
+                  f"{totals.get('tokens_saved_by_pruning', 0)}; rows from cache: {totals.get('cache_hits', 0)}")
+    final = d["attrs"].get("final")
+    if final:
+        ft = Table(title=f"{final['split']} split ({final['n_items']} items"
+                         + ("" if final.get("held_out", True) else "; not a separate split") + ")")
+        ft.add_column("config")
+        for n, _ in objs:
+            ft.add_column(n)
+            ft.add_column(f"Δ {n} vs default [95% CI]")
+            ft.add_column("p")
+        for row in final["rows"]:
+            cells = [row["name"] + (f" vs {row['vs']}" if row.get("vs") else "")]
+            for n, _ in objs:
+                p = row.get("paired", {}).get(n, {})
+                cells += [_ci(row["metrics"].get(n)), _diff(p), _fmt(p.get("p_value"), 3) if p else ""]
+            ft.add_row(*cells)
+        console.print(ft)
+        for name, gap in (final.get("dev_to_test_gap") or {}).items():
+            console.print(f"dev-to-test gap of {name}: "
+                          + ", ".join(f"{k} {_fmt(v, 3)}" for k, v in gap.items()))
+    if d["attrs"].get("final_error"):
+        console.print(f"[yellow]test-split check failed: {d['attrs']['final_error']}[/]")
+
+
+def _diff(p: dict[str, Any]) -> str:
+    if not p:
+        return ""
+    s = f"{p.get('diff', 0):+.3g}"
+    if p.get("ci_low") is not None and p.get("ci_high") is not None:
+        s += f" [{p['ci_low']:+.3g}, {p['ci_high']:+.3g}]"
+    return s
+
+
+# ============================================================ HTML
+def _figures(study: Any, d: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(title, plotly figure) pairs; a plot that Optuna can't draw for this study is skipped."""
+    import optuna.visualization as vis
+
+    objs = d["objectives"]
+    figs: list[tuple[str, Any]] = []
+
+    def add(title: str, fn: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fig = fn(*args, **kwargs)
+        except Exception as e:  # e.g. importances need 2+ trials that vary a parameter
+            figs.append((title, f"not available: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
+            return
+        figs.append((title, fig))
+
+    if len(d["done"]) < 1:
+        return figs
+    multi = len(objs) > 1
+    if multi:
+        add("Pareto front", vis.plot_pareto_front, study, target_names=[f"{n} ({dr})" for n, dr in objs])
+    for i, (name, _) in enumerate(objs):
+        kw = {"target": (lambda t, i=i: t.values[i]), "target_name": name} if multi else {"target_name": name}
+        add(f"Optimisation history: {name}", vis.plot_optimization_history, study, **kw)
+        add(f"Parameter importances: {name}", vis.plot_param_importances, study, **kw)
+        add(f"Slice plot: {name}", vis.plot_slice, study, **kw)
+        params = _contour_params(study)
+        if len(params) >= 2:
+            add(f"Contour plot: {name}", vis.plot_contour, study, params=params, **kw)
+    return figs
+
+
+def _contour_params(study: Any, k: int = 3) -> list[str]:
+    """The numeric parameters most trials share (contours of conditional parameters are mostly empty)."""
+    from collections import Counter
+
+    from optuna.distributions import CategoricalDistribution
+
+    counts: Counter[str] = Counter()
+    for t in study.get_trials(deepcopy=False):
+        for name, dist in t.distributions.items():
+            if not isinstance(dist, CategoricalDistribution):
+                counts[name] += 1
+    return [n for n, _ in counts.most_common(k)]
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;padding:4px 8px;
+vertical-align:top;text-align:left}th{background:#f3f3f3}pre{white-space:pre-wrap;margin:0}
+.note{color:#666}h2{margin-top:2em}"""
+
+
+def render_html(study: Any) -> str:
+    """The report page as a string (plotly.js inlined once)."""
+    from plotly.offline import get_plotlyjs
+
+    d = collect(study)
+    a, objs = d["attrs"], d["objectives"]
+    totals = a.get("totals", {})
+    parts = [f"<h1>decodetune study {html.escape(d['name'])}</h1>"]
+    info = [["model", str(a.get("model", ""))], ["task", str(a.get("task", ""))],
+            ["search", str(a.get("search", ""))], ["objectives", ", ".join(f"{n} ({dr})" for n, dr in objs)],
+            ["dev items", str(a.get("n_dev_items", ""))], ["repeats", str(a.get("repeats", ""))],
+            ["trials", f"{d['n_complete']} complete, {d['n_pruned']} pruned, {d['n_failed']} failed"],
+            ["generated tokens", str(totals.get("tokens_generated", ""))],
+            ["tokens saved by pruning (estimate)", str(totals.get("tokens_saved_by_pruning", ""))],
+            ["rows served from the cache", str(totals.get("cache_hits", ""))]]
+    parts.append(_table(["", ""], info))
+    if d["best"]:
+        title = "Best config" if len(objs) == 1 else "Pareto-optimal configs"
+        parts.append(f"<h2>{title} (dev)</h2>")
+        parts.append(_table(["#", *[n for n, _ in objs], "config", "tokens", "note"],
+                            [_trial_row(t, objs) for t in d["best"]]))
+    final = a.get("final")
+    parts.append("<h2>Held-out test split: tuned vs defaults</h2>")
+    if final:
+        if not final.get("held_out", True):
+            parts.append("<p class=note>The task has one split; the tuner kept half of it out of the search.</p>")
+        header = ["config", "vs"]
+        for n, _ in objs:
+            header += [f"{n} [95% CI]", f"Δ {n} [95% CI]", "p-value", "test"]
+        rows = []
+        for row in final["rows"]:
+            cells = [f"{row['name']}: {json.dumps(row['config'])}", row.get("vs") or ""]
+            for n, _ in objs:
+                p = row.get("paired", {}).get(n, {})
+                cells += [_ci(row["metrics"].get(n)), _diff(p), _fmt(p.get("p_value"), 3) if p else "",
+                          str(p.get("test", "")) if p else ""]
+            rows.append(cells)
+        parts.append(f"<p>{final['n_items']} items of split {html.escape(final['split'])}, never seen by the "
+                     "search. Δ is the paired difference on the same items and seeds.</p>")
+        parts.append(_table(header, rows))
+        gap_rows = [[name, ", ".join(f"{k}: dev − test = {_fmt(v, 3)}" for k, v in gap.items())]
+                    for name, gap in (final.get("dev_to_test_gap") or {}).items()]
+        parts.append("<h3>Dev-to-test gap</h3>" + _table(["config", "gap"], gap_rows))
+        ex = final.get("examples") or []
+        if ex:
+            names = list(ex[0]["outputs"])
+            parts.append("<h2>Example generations (test split)</h2>")
+            parts.append(_table(["prompt", "reference", *names],
+                                [[e["prompt"], " | ".join(e.get("references") or []),
+                                  *[e["outputs"].get(n, "") for n in names]] for e in ex]))
+    else:
+        parts.append("<p class=note>No test-split check stored"
+                     + (f": {html.escape(a['final_error'])}" if a.get("final_error") else "") + ".</p>")
+    parts.append("<h2>Plots</h2>")
+    for title, fig in _figures(study, d):
+        parts.append(f"<h3>{html.escape(title)}</h3>")
+        if isinstance(fig, str):
+            parts.append(f"<p class=note>{html.escape(fig)}</p>")
+        else:
+            parts.append(fig.to_html(full_html=False, include_plotlyjs=False))
+    parts.append("<h2>All trials</h2>")
+    parts.append(_table(["#", *[n for n, _ in objs], "config", "tokens", "note"],
+                        [_trial_row(t, objs) for t in d["ranked"]]))
+    if d["failed"]:
+        parts.append("<h2>Failed trials</h2>")
+        parts.append(_table(["#", "error"], [[str(t.number), str(t.user_attrs.get("error", ""))]
+                                            for t in d["failed"]]))
+    return ("<!DOCTYPE html><html><head><meta charset='utf-8'>"
+            f"<title>decodetune report: {html.escape(d['name'])}</title><style>{_CSS}</style>"
+            f"<script type='text/javascript'>{get_plotlyjs()}</script></head><body>"
+            + "\n".join(parts) + "</body></html>")
+
+
+def write_report(study: Any, path: str | Path) -> Path:
+    """Write the HTML report atomically; returns its path."""
+    page = render_html(study)
+    with atomic_write(path) as f:
+        f.write(page)
+    return Path(path)
