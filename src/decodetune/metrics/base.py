@@ -155,8 +155,8 @@ def register_family(prefix: str, factory: Callable[[int], Metric]) -> None:
 
 
 def canonical_name(name: str) -> str:
-    """Lower-case with ``-`` and spaces folded to ``_`` (``rouge-L`` -> ``rougel``)."""
-    return re.sub(r"[\s\-]+", "_", name.strip().lower())
+    """Lower-case without ``-``, ``_`` or spaces: ``rouge-L``, ``rouge_l`` and ``rougeL`` are one name."""
+    return re.sub(r"[\s\-_]+", "", name.strip().lower())
 
 
 def list_metrics() -> list[Metric]:
@@ -180,7 +180,7 @@ def get_metric(spec: str | Metric | Callable[..., Any]) -> Metric:
     key = canonical_name(spec)
     if key in _REGISTRY:
         return _REGISTRY[key]
-    m = re.fullmatch(r"(.+?)_?(\d+)", key)
+    m = re.fullmatch(r"(.+?)(\d+)", key)
     if m and canonical_name(m.group(1)) in _FAMILIES:
         n = int(m.group(2))
         if not 1 <= n <= 8:

@@ -1,0 +1,121 @@
+"""`decodetune eval`: generate a task's answers with one config, score them, print mean and 95% CI."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from decodetune.cli.options import build_config, config_options
+from decodetune.errors import UserError
+
+ARROW = {"max": "↑", "min": "↓", "none": "·"}
+
+
+def explicit_config(config_flags: dict[str, Any]) -> dict[str, Any]:
+    """The config fields the user set (in ``--config`` or as flags), validated, so task defaults fill
+    only the others (``--max-new-tokens 64`` must win over a task default even though 64 is the class
+    default)."""
+    cfg = build_config(config_flags)
+    explicit = {k for k in config_flags if k != "__file__"}
+    path = config_flags.get("__file__")
+    if path:
+        import yaml
+
+        from decodetune.config import ALIASES
+        from decodetune.io import read_text
+
+        try:
+            raw = yaml.safe_load(read_text(path)) or {}
+        except yaml.YAMLError:
+            raw = {}
+        if isinstance(raw, dict):
+            explicit |= {ALIASES.get(k, k) for k in raw}
+    full = cfg.to_dict()
+    return {**cfg.to_dict(only_set=True), **{k: full[k] for k in explicit if k in full}}
+
+
+def fmt(v: float | None, digits: int = 4) -> str:
+    """A number for a table: NaN/None as '-', else up to ``digits`` significant decimals."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if abs(v) >= 1e4 or (v != 0 and abs(v) < 1e-3):
+        return f"{v:.{digits}g}"
+    return f"{v:.{digits}f}".rstrip("0").rstrip(".")
+
+
+def check_common(repeats: int, limit: int | None, batch_size: int | None, bootstrap: int) -> None:
+    """One-line errors for bad numeric options."""
+    if repeats < 1:
+        raise UserError(f"--repeats: must be >= 1, got {repeats}")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit: must be >= 1, got {limit}")
+    if batch_size is not None and batch_size < 1:
+        raise UserError(f"--batch-size: must be >= 1, got {batch_size}")
+    if bootstrap < 0:
+        raise UserError(f"--bootstrap: must be >= 0, got {bootstrap}")
+
+
+def result_table(result: Any, title: str) -> Any:
+    """A rich table of one EvalResult's metrics."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("metric", "", "value", "95% CI", "items"):
+        table.add_column(col, justify="right" if col in ("value", "95% CI", "items") else "left")
+    for name, m in result.metrics.items():
+        n = sum(1 for v in m.per_item if not math.isnan(v)) if not m.corpus else len(m.per_item)
+        table.add_row(name + (" (corpus)" if m.corpus else ""), ARROW.get(m.direction, ""), fmt(m.value),
+                      f"[{fmt(m.ci_low)}, {fmt(m.ci_high)}]", str(n))
+    return table
+
+
+@config_options
+def eval_command(
+    task: str = typer.Option(..., "--task", "-t", help="builtin task name or a .jsonl/.csv file"),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="builtin name, HF folder, .gguf or hub id"),
+    split: str = typer.Option("dev", "--split", help="dev | test (a file task has one split)"),
+    repeats: int = typer.Option(1, "--repeats", "-r", help="samples per item for sampling configs"),
+    limit: Optional[int] = typer.Option(None, "--limit", "-n", help="only the first N items"),  # noqa: UP045
+    metric: Optional[list[str]] = typer.Option(None, "--metric", help="metric name or pkg.module:function (repeatable; default: the task's)"),  # noqa: E501,UP045
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="write generations and scores as JSONL"),  # noqa: UP045
+    cache: Optional[Path] = typer.Option(None, "--cache", help="SQLite generation cache to read and fill"),  # noqa: UP045
+    scorer: Optional[str] = typer.Option(None, "--scorer", help="model scoring gen_ppl (default: --model)"),  # noqa: UP045
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="rows per forward batch"),  # noqa: UP045
+    bootstrap: int = typer.Option(1000, "--bootstrap", help="bootstrap resamples for the CIs (0 = none)"),
+    as_json: bool = typer.Option(False, "--json", help="print machine-readable JSON"),
+    *,
+    config_flags: dict[str, Any],
+) -> None:
+    """Evaluate one decoding config on a task: each metric's mean and 95% bootstrap CI."""
+    check_common(repeats, limit, batch_size, bootstrap)
+    config = explicit_config(config_flags)
+    from decodetune.eval import evaluate
+
+    result = evaluate(model, task, config, split=split, repeats=repeats, limit=limit, metrics=metric or None,
+                      batch_size=batch_size, cache=cache, scorer=scorer, bootstrap=bootstrap,
+                      output=output, progress=not as_json)
+    if output is not None:
+        print(f"wrote {len(result.rows)} rows to {output}", file=sys.stderr)
+    if as_json:
+        print(json.dumps(result.to_dict(), ensure_ascii=False))
+        return
+    from rich.console import Console
+
+    console = Console(width=120)
+    title = (f"{result.task} \\[{result.split}] · {result.model} · {len(result.item_ids)} items"
+             + (f" x {result.repeats} repeats" if result.repeats > 1 else ""))
+    console.print(result_table(result, title))
+    console.print(f"config: {json.dumps(result.config.to_dict(only_set=True))}")
+    console.print(f"{result.num_tokens} tokens ({result.num_tokens_generated} generated, "
+                  f"{fmt(result.tokens_per_s, 3)} tok/s), cache hits {result.cache_hits}/{len(result.rows)}, "
+                  f"{result.wall_s:.1f} s")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the command to the CLI."""
+    app.command("eval", help="Evaluate a decoding config on a task (mean and 95% CI per metric).")(eval_command)
