@@ -12,6 +12,13 @@ from typing import Any
 
 from decodetune.config import DecodingConfig
 from decodetune.errors import UserError
+from decodetune.tuning.distributed import (
+    Heartbeat,
+    check_parallel_safe,
+    has_heartbeat,
+    reap_stale_trials,
+    study_lock,
+)
 from decodetune.tuning.objectives import Objective, parse_objectives
 from decodetune.tuning.runner import (
     DEFAULT_BATCH,
@@ -87,13 +94,15 @@ def tune(model: Any, task: Any, *, search: str = "tpe", n_trials: int = 20,
          out_dir: str | Path = "decodetune-out", batch_trials: int | None = None, prune: bool = True,
          final_test: bool = True, progress: bool = False, console: Any = None,
          model_options: dict[str, Any] | None = None, evaluate_many: Callable[..., list[Any]] | None = None,
-         compare: Callable[..., Any] | None = None) -> TuneResult:
+         compare: Callable[..., Any] | None = None, per_worker: bool = False) -> TuneResult:
     """Search decoding hyperparameters of ``model`` on ``task``'s dev split.
 
     Re-running with the same study (name and storage) continues it: completed trials count toward
     ``n_trials``. Ctrl-C marks in-flight trials failed (``interrupted``) and leaves the storage usable.
     Returns a :class:`TuneResult`; with ``final_test`` the best config is re-evaluated on the test
     split against the defaults, stored in the study, and ``best_config.json`` plus exports are written.
+    ``per_worker``: ``n_trials`` counts this process's trials only (``decodetune worker``), so N workers
+    sharing one storage run N x n_trials trials; grid workers run until every point is done.
     """
     import optuna
 
@@ -159,8 +168,11 @@ def tune(model: Any, task: Any, *, search: str = "tpe", n_trials: int = 20,
     evaluator = TrialBatchEvaluator(loaded, task, splits, objs, repeats=repeats, seed=seed, cache=cache,
                                     pruning=pruning, evaluate_many=evaluate_many, stats=stats,
                                     should_stop=stop_reason)
-    already = len(finished_trials(study))
+    already = 0 if per_worker else len(finished_trials(study))
     remaining = max(0, n_trials - already)
+    parallel_warning = check_parallel_safe(study, info.url)
+    if parallel_warning:
+        log.warning(parallel_warning)
     batch = max(1, batch_trials or DEFAULT_BATCH[search])
     if search == "nsga2" and batch_trials is None:
         batch = sampler_options["population_size"]
@@ -198,16 +210,18 @@ def tune(model: Any, task: Any, *, search: str = "tpe", n_trials: int = 20,
                     stats.stop_reason = reason
                     break
                 k = min(batch, remaining)
+                reap_stale_trials(study)  # trials of dead workers fail; their retries are enqueued
                 if search == "grid":
-                    todo = _unexplored(study, space_obj, grid_points, failed_here)
-                    if not todo:
+                    in_flight = _ask_grid_points(study, info.url, space_obj, grid_points, failed_here, k)
+                    if in_flight is None:
                         stats.stop_reason = "grid exhausted"
                         break
-                    for point in todo[:k]:
-                        # not skip_if_exists: that also skips points whose earlier trial failed
-                        study.enqueue_trial(point)
-                    k = min(k, len(todo))
-                in_flight = [study.ask() for _ in range(k)]
+                    if not in_flight:  # other workers hold the last points: wait for them (or their death)
+                        time.sleep(_GRID_POLL_S)
+                        continue
+                    k = len(in_flight)
+                else:
+                    in_flight = [study.ask() for _ in range(k)]
                 remaining -= k
                 trials, configs = [], []
                 for t in in_flight:
@@ -218,7 +232,9 @@ def tune(model: Any, task: Any, *, search: str = "tpe", n_trials: int = 20,
                     except UserError as e:  # a point of the space that makes an invalid config
                         on_done(t, None, str(e))
                 if trials:
-                    evaluator.run(trials, configs, order_seed=seed * 100003 + trials[0].number, on_done=on_done)
+                    with Heartbeat(study, trials):
+                        evaluator.run(trials, configs, order_seed=seed * 100003 + trials[0].number,
+                                      on_done=on_done)
                 in_flight = []
             else:
                 stats.stop_reason = stats.stop_reason or "trials done"
@@ -281,9 +297,35 @@ def _unexplored(study: Any, space: SearchSpace, points: list[dict[str, Any]],
     taken = set(skip or ())
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING,
                                                       TrialState.WAITING)):
-        params = t.params if t.state != TrialState.WAITING else t.system_attrs.get("fixed_params", {})
+        # an enqueued point carries fixed_params; a retried stale trial carries its params
+        params = t.params if t.state != TrialState.WAITING else (t.system_attrs.get("fixed_params") or t.params)
         taken.add(_key(space.active_values(params), space))
     return [p for p in points if _key(space.active_values(p), space) not in taken]
+
+
+_GRID_POLL_S = 2.0
+
+
+def _ask_grid_points(study: Any, url: str, space: SearchSpace, points: list[dict[str, Any]],
+                     skip: set[tuple], k: int) -> list[Any] | None:
+    """Up to ``k`` grid trials, enqueued and asked under the study lock so no point runs twice.
+
+    Returns None when the grid is done (nothing waiting, running or left), [] when only other workers'
+    running trials remain (they may still die and be retried).
+    """
+    from optuna.trial import TrialState
+
+    with study_lock(study, url):
+        todo = _unexplored(study, space, points, skip)
+        for point in todo[:k]:
+            # not skip_if_exists: that also skips points whose earlier trial failed
+            study.enqueue_trial(point)
+        waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+        if waiting:
+            return [study.ask() for _ in range(min(k, waiting))]
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    # without heartbeats a dead worker's RUNNING trial never ends: waiting for it could hang for ever
+    return [] if running and has_heartbeat(study) else None
 
 
 def _baseline_first(points: list[dict[str, Any]], baseline: dict[str, Any] | None,

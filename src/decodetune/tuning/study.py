@@ -70,7 +70,9 @@ def resolve_storage(storage: str | None, out_dir: Path) -> StorageInfo:
         else:
             out_dir.mkdir(parents=True, exist_ok=True)
             cache = out_dir / "cache.sqlite"
-        st = RDBStorage(storage, engine_kwargs=_engine_kwargs(storage))
+        from decodetune.tuning.distributed import heartbeat_kwargs
+
+        st = RDBStorage(storage, engine_kwargs=_engine_kwargs(storage), **heartbeat_kwargs(storage))
         return StorageInfo(st, storage, cache)
     except UserError:
         raise
