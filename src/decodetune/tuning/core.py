@@ -24,7 +24,6 @@ from decodetune.tuning.runner import (
     DEFAULT_BATCH,
     RunStats,
     TrialBatchEvaluator,
-    _StopRequested,
     make_splits,
     trial_values,
 )
@@ -158,16 +157,19 @@ def tune(model: Any, task: Any, *, search: str = "tpe", n_trials: int = 20,
     started = time.monotonic()
     base = DecodingConfig()
 
+    last_batch_s = 0.0
+
     def stop_reason() -> str:
-        if timeout is not None and time.monotonic() - started >= timeout:
-            return "timeout"
-        if budget_tokens is not None and _study_tokens(study) + 0 >= budget_tokens:
+        # checked before a batch starts; a started trial always finishes (as Optuna's own timeout)
+        elapsed = time.monotonic() - started
+        if timeout is not None and (elapsed >= timeout or elapsed + last_batch_s > timeout * 1.05):
+            return "timeout"  # ... and so is one that would very likely run past it
+        if budget_tokens is not None and _study_tokens(study) >= budget_tokens:
             return "token budget"
         return ""
 
     evaluator = TrialBatchEvaluator(loaded, task, splits, objs, repeats=repeats, seed=seed, cache=cache,
-                                    pruning=pruning, evaluate_many=evaluate_many, stats=stats,
-                                    should_stop=stop_reason)
+                                    pruning=pruning, evaluate_many=evaluate_many, stats=stats)
     already = 0 if per_worker else len(finished_trials(study))
     remaining = max(0, n_trials - already)
     parallel_warning = check_parallel_safe(study, info.url)
@@ -232,15 +234,14 @@ def tune(model: Any, task: Any, *, search: str = "tpe", n_trials: int = 20,
                     except UserError as e:  # a point of the space that makes an invalid config
                         on_done(t, None, str(e))
                 if trials:
+                    batch_started = time.monotonic()
                     with Heartbeat(study, trials):
                         evaluator.run(trials, configs, order_seed=seed * 100003 + trials[0].number,
                                       on_done=on_done)
+                    last_batch_s = time.monotonic() - batch_started
                 in_flight = []
             else:
                 stats.stop_reason = stats.stop_reason or "trials done"
-    except _StopRequested as e:
-        stats.stop_reason = e.reason
-        _fail_unfinished(study, e.unfinished, f"stopped: {e.reason}")
     except KeyboardInterrupt:
         _fail_unfinished(study, in_flight, "interrupted")
         raise

@@ -135,13 +135,12 @@ class TrialBatchEvaluator:
 
     def __init__(self, model: Any, task: Any, splits: Splits, objectives: list[Objective], *, repeats: int,
                  seed: int, cache: Any, pruning: bool, evaluate_many: Callable[..., list[Any]],
-                 stats: RunStats, should_stop: Callable[[], str] | None = None):
+                 stats: RunStats):
         self.model, self.task, self.splits, self.objectives = model, task, splits, objectives
         self.repeats, self.seed, self.cache = repeats, seed, cache
         self.pruning = pruning
         self.evaluate_many = evaluate_many
         self.stats = stats
-        self.should_stop = should_stop or (lambda: "")
 
     def _call(self, configs: list[DecodingConfig], indices: list[int]) -> list[Any]:
         self.stats.generate_calls += 1
@@ -204,10 +203,6 @@ class TrialBatchEvaluator:
                 active = still
                 if not active:
                     return
-                reason = self.should_stop()
-                if reason:
-                    # leave the rest un-evaluated: the caller fails them as interrupted
-                    raise _StopRequested(reason, [trials[i] for i in active])
         # the full evaluation: earlier chunks come back from the cache, so only the rest costs tokens
         full_indices = list(self.splits.dev_indices)
         results = self._guarded([configs[i] for i in active], full_indices, [trials[i] for i in active],
@@ -251,13 +246,6 @@ class TrialBatchEvaluator:
         except Exception as e:  # the trial fails, the study goes on
             on_done(trial, None, f"{type(e).__name__}: {e}".splitlines()[0])
             return [None]
-
-
-class _StopRequested(Exception):
-    def __init__(self, reason: str, unfinished: list[Any]):
-        super().__init__(reason)
-        self.reason = reason
-        self.unfinished = unfinished
 
 
 def trial_values(attrs: dict[str, Any], objectives: list[Objective]) -> list[float] | None:
