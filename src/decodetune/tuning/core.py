@@ -93,7 +93,8 @@ def tune(model: Any, task: Any, *, search: str = "tpe", n_trials: int = 20,
          out_dir: str | Path = "decodetune-out", batch_trials: int | None = None, prune: bool = True,
          final_test: bool = True, progress: bool = False, console: Any = None,
          model_options: dict[str, Any] | None = None, evaluate_many: Callable[..., list[Any]] | None = None,
-         compare: Callable[..., Any] | None = None, per_worker: bool = False) -> TuneResult:
+         compare: Callable[..., Any] | None = None, per_worker: bool = False,
+         cache: str | Path | None = None) -> TuneResult:
     """Search decoding hyperparameters of ``model`` on ``task``'s dev split.
 
     Re-running with the same study (name and storage) continues it: completed trials count toward
@@ -102,6 +103,7 @@ def tune(model: Any, task: Any, *, search: str = "tpe", n_trials: int = 20,
     split against the defaults, stored in the study, and ``best_config.json`` plus exports are written.
     ``per_worker``: ``n_trials`` counts this process's trials only (``decodetune worker``), so N workers
     sharing one storage run N x n_trials trials; grid workers run until every point is done.
+    ``cache``: generation cache file to use instead of the one next to the study (shared by studies).
     """
     import optuna
 
@@ -148,7 +150,8 @@ def tune(model: Any, task: Any, *, search: str = "tpe", n_trials: int = 20,
         if key not in study.user_attrs:
             study.set_user_attr(key, value)
 
-    cache = str(info.cache_path)  # a path: each evaluate call opens it (safe across processes)
+    # a path: each evaluate call opens it (safe across processes); by default next to the study
+    cache = str(cache or info.cache_path)
     if evaluate_many is None:
         from decodetune.eval import evaluate_many as _em
 
