@@ -13,7 +13,8 @@ from decodetune.config import DecodingConfig
 from decodetune.errors import UserError
 
 __version__ = "0.1.0"
-__all__ = ["DecodingConfig", "UserError", "load_model", "generate", "evaluate", "tune", "__version__"]
+__all__ = ["DecodingConfig", "EvalResult", "Generation", "UserError", "load_model", "generate", "evaluate", "tune",
+           "__version__"]
 
 _LAZY = {
     "load_model": "decodetune.models",

@@ -54,7 +54,7 @@ def run_tune(*, task: str, model: str, search: str, trials: int, space: Path | N
              storage: str | None, study_name: str | None, timeout: float | None, budget_tokens: int | None,
              repeats: int, seed: int, limit: int | None, out: Path, batch_trials: int | None, prune: bool,
              test: bool, report: bool, raw: bool = False, trust_remote_code: bool = False,
-             quiet: bool = False) -> object:
+             quiet: bool = False, per_worker: bool = False) -> object:
     """Shared by ``tune`` and ``demo``: run, print the summary, write the report."""
     from rich.console import Console
 
@@ -81,11 +81,19 @@ def run_tune(*, task: str, model: str, search: str, trials: int, space: Path | N
                       study_name=study_name, timeout=timeout, budget_tokens=budget_tokens, repeats=repeats,
                       seed=seed, limit=limit, out_dir=out, batch_trials=batch_trials, prune=prune,
                       final_test=test, progress=not quiet and sys.stderr.isatty(), console=console,
-                      model_options={"raw": raw, "trust_remote_code": trust_remote_code})
+                      model_options={"raw": raw, "trust_remote_code": trust_remote_code},
+                      per_worker=per_worker)
     except KeyboardInterrupt:
         print("interrupted: in-flight trials were marked failed; re-run the same command to continue",
               file=sys.stderr)
         raise typer.Exit(130) from None
+    except Exception as e:
+        from decodetune.tuning.distributed import storage_failure
+
+        failure = storage_failure(e, storage)
+        if failure is None:
+            raise
+        raise UserError(failure) from None
     if not quiet:
         from decodetune.tuning.report import print_summary
 

@@ -147,3 +147,21 @@ def check_parallel_safe(study: Any, url: str) -> str | None:
         return ("SQLite storage is not safe for parallel workers (writers get 'database is locked'); use a "
                 "journal file (--storage study.journal) on one machine or PostgreSQL across machines")
     return None
+
+
+def storage_failure(error: BaseException, url: str | None) -> str | None:
+    """One line for a storage that went away mid-study (None if ``error`` is something else).
+
+    Every trial a worker told is committed at once, so a lost connection loses no completed trial:
+    the message says so and how to continue.
+    """
+    import sqlalchemy.exc
+
+    if not isinstance(error, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError):
+        return None
+    from decodetune.tuning.study import _redact
+
+    where = _redact(url) if url else "the storage"
+    reason = str(getattr(error, "orig", error)).strip().splitlines()[0] if str(error).strip() else "no reason"
+    return (f"storage: lost the connection to {where} ({reason}); completed trials are saved, and re-running "
+            "the same command continues the study")

@@ -40,9 +40,13 @@ def parse_objectives(specs: list[str] | None, task: Any) -> list[Objective]:
         specs = [task.metrics[0]]
     out: list[Objective] = []
     for spec in specs:
-        name, _, direction = str(spec).partition(":")
-        name = name.strip()
-        direction = direction.strip().lower()
+        # split at the LAST colon, so a user metric `pkg.module:function:max` keeps its own colon
+        head, sep, tail = str(spec).rpartition(":")
+        if sep and (tail.strip().lower() in ("max", "min", "maximize", "minimize") or ":" not in head
+                    and not _unknown(head.strip())):
+            name, direction = head.strip(), tail.strip().lower()  # metric:direction (maybe a bad one)
+        else:
+            name, direction = str(spec).strip(), ""
         if direction and direction not in ("max", "min", "maximize", "minimize"):
             raise UserError(f"--objective {spec}: direction must be max or min, got {direction!r}")
         if name.lower() in PRIMARY_ALIASES and _unknown(name):
