@@ -85,3 +85,26 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, args, conte
     assert "Traceback" not in err
     assert out.read_text(encoding="utf-8") == "previous\n"  # untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["aug.jsonl", "data.jsonl"]  # no temp file left
+
+
+def test_distill_augment_trains_on_originals_and_variants(tmp_path, tiny_tokenizer):
+    """`decodetune distill --augment OPS` expands the prompt rows (completions kept) before training."""
+    from conftest import CORPUS, build_tiny_model
+    from decodetune.io import read_jsonl
+    from decodetune.train.augment import row_augmenter
+
+    teacher = tmp_path / "teacher"
+    build_tiny_model(len(tiny_tokenizer), num_hidden_layers=2).save_pretrained(str(teacher))
+    tiny_tokenizer.save_pretrained(str(teacher))
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": c[:30], "completion": c[30:50]}) + "\n" for c in CORPUS))
+    (tmp_path / "student.yaml").write_text("num_layers: 1\n")
+    out = tmp_path / "student"
+    args = ["distill", "--teacher", str(teacher), "--student", str(tmp_path / "student.yaml"), "--data", str(data),
+            "--out", str(out), "--steps", "1", "--batch-size", "2", "--seed", "3"]
+    assert main([*args, "--augment", "swap,delete", "--augment-n", "2"]) == 0
+    expected = row_augmenter("swap,delete", n=2, seed=3)([{k: v for k, v in r.items()} for r in read_jsonl(data)])
+    assert len(expected) > len(CORPUS)
+    meta = json.loads((out / "distill.json").read_text())
+    assert meta["info"]["examples"] == len(expected)
+    assert main([*args, "--augment", "swap,teleport", "--overwrite"]) == 2

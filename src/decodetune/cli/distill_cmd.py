@@ -64,6 +64,9 @@ def distill_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out directory"),
     max_student_fraction: float = typer.Option(1.0, "--max-student-fraction",
                                                help="max share of teacher non-embedding params"),
+    augment: Optional[str] = typer.Option(  # noqa: UP045
+        None, "--augment", help="expand the prompts with `decodetune augment` ops first (e.g. swap,delete)"),
+    augment_n: int = typer.Option(1, "--augment-n", help="variants per prompt and op (with --augment)"),
 ) -> None:
     """Distil a teacher into a smaller Llama student; writes a HF model directory."""
     from decodetune.train.distill.data import load_rows
@@ -81,8 +84,13 @@ def distill_command(
                         student_decoding=_decoding_dict(student_config, defaults.student_decoding, max_new_tokens))
     cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
     rows = load_rows(data, split)
+    augmenter = None
+    if augment:  # originals are kept; LM ops and 'lm' synonyms use the teacher (see decodetune augment)
+        from decodetune.train.augment import row_augmenter
+
+        augmenter = row_augmenter(augment, n=augment_n, seed=seed, model=teacher)
     run_distill(teacher, spec, rows, cfg, out, checkpoint_dir or out.with_name(out.name + ".checkpoints"),
-                resume, overwrite, max_student_fraction)
+                resume, overwrite, max_student_fraction, augment=augmenter)
 
 
 def run_distill(teacher: str, spec: Any, rows: list[dict[str, Any]], cfg: Any, out: Path, checkpoint_dir: Path,
