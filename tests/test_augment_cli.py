@@ -108,3 +108,36 @@ def test_distill_augment_trains_on_originals_and_variants(tmp_path, tiny_tokeniz
     meta = json.loads((out / "distill.json").read_text())
     assert meta["info"]["examples"] == len(expected)
     assert main([*args, "--augment", "swap,teleport", "--overwrite"]) == 2
+
+
+def test_lm_config_flags_override_the_sampling_default_or_the_config_file(tmp_path):
+    from decodetune.cli.augment_cmd import lm_config
+    from decodetune.train.augment.lm_ops import DEFAULT_LM_CONFIG
+
+    cfg = lm_config({"__file__": None, "temperature": 0.3})
+    assert cfg.strategy == DEFAULT_LM_CONFIG["strategy"] and cfg.temperature == 0.3
+    assert cfg.top_p == DEFAULT_LM_CONFIG["top_p"]
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps({"strategy": "beam", "num_beams": 3}))
+    cfg = lm_config({"__file__": path, "max_new_tokens": 20})
+    assert cfg.strategy == "beam" and cfg.num_beams == 3 and cfg.max_new_tokens == 20
+
+
+def test_paraphrase_from_the_cli_with_a_local_model(tmp_path, tiny_tokenizer, capsys):
+    from conftest import build_tiny_model
+
+    model_dir = tmp_path / "tiny"
+    build_tiny_model(len(tiny_tokenizer)).save_pretrained(str(model_dir))
+    tiny_tokenizer.save_pretrained(str(model_dir))
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS), encoding="utf-8")
+    out = tmp_path / "aug.jsonl"
+    args = ["augment", "-i", str(data), "-o", str(out), "--ops", "paraphrase", "--n", "2", "--model", str(model_dir),
+            "--temperature", "1.0", "--max-new-tokens", "8", "--no-progress", "--seed", "4"]
+    assert main(args) == 0
+    first = out.read_bytes()
+    rows = read(out)
+    assert [r["aug_op"] for r in rows].count("original") == 2
+    assert all(r["answer"] == ROWS[r["aug_source"]]["answer"] for r in rows)
+    assert "paraphrase" in capsys.readouterr().err
+    assert main(args) == 0 and out.read_bytes() == first
