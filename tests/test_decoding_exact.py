@@ -177,3 +177,19 @@ def test_masking_finished_rows_gives_the_same_tokens(lm, monkeypatch):
     masked = generate(lm, PROMPTS, configs)
     assert [g.token_ids for g in dropped] == [g.token_ids for g in masked]
     assert [len(g.token_ids) for g in dropped] != [20] * 4
+
+
+def test_other_architecture_gpt2(tiny_tokenizer):
+    """Nothing Llama-specific: a tiny random GPT-2 (learned positions) matches too, batched."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tiny_tokenizer), n_embd=64, n_layer=2, n_head=4,
+                                       bos_token_id=1, eos_token_id=2, initializer_range=0.2)).eval()
+    gpt2 = LoadedModel(model, tiny_tokenizer)
+    gpt2.eos_token_ids = list(EOS)
+    for cfg, kwargs in [(DecodingConfig(max_new_tokens=12), dict(do_sample=False)),
+                        (DecodingConfig(strategy="beam", num_beams=3, num_return_sequences=2, max_new_tokens=12),
+                         dict(do_sample=False, num_beams=3, num_return_sequences=2))]:
+        theirs, _ = hf_generate(gpt2, PROMPTS, max_new_tokens=12, **kwargs)
+        assert_same(generate(gpt2, PROMPTS, cfg), theirs)

@@ -23,6 +23,7 @@ class ModelRunner:
         # transformers 5 renamed ``past_key_values`` to ``cache`` (the old name is deprecated)
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self.keep_kwarg = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
+        self.takes_positions = "position_ids" in params
         self.device = next(model.parameters()).device
 
     def new_cache(self) -> Any:
@@ -40,7 +41,9 @@ class ModelRunner:
         kwargs: dict[str, Any] = {self.cache_kwarg: cache, "use_cache": True}
         if self.keep_kwarg is not None:
             kwargs[self.keep_kwarg] = 1
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+        if self.takes_positions:
+            kwargs["position_ids"] = position_ids
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         return out.logits[:, -1, :].float()
 
     def prefill(self, prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, Any,
