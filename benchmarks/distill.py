@@ -137,6 +137,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the CPU is shared; 2 thrashes)")
     ap.add_argument("--arms", default="all", help="comma-separated arm indices (0-4) or 'all'")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run")
     ap.add_argument("--generate-only", action="store_true", help="only fill the teacher-generation cache")
@@ -144,7 +145,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.train, args.heldout, args.max_new_tokens = 8, 8, 8
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(args.threads)
     t_all = time.perf_counter()
 
     from decodetune.config import DecodingConfig
