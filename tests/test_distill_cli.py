@@ -57,12 +57,14 @@ def test_distill_writes_a_loadable_model_and_distill_eval_reports(tmp_path, teac
 
     report = tmp_path / "report.json"
     code = main(["distill-eval", "--student", str(out), "--teacher", str(teacher_dir), "--data",
-                 str(data_files / "train.jsonl"), "--output", str(report)])
+                 str(data_files / "train.jsonl"), "--output", str(report), "--task", "arith", "--limit", "4"])
     assert code == 0
     r = json.loads(report.read_text())
     assert 0.0 <= r["top1_agreement"] <= 1.0 and r["kl_teacher_student"] >= 0.0
     assert r["student"]["perplexity"] > 1.0 and r["teacher"]["generate_tokens_per_s"] > 0
-    assert r["completion_tokens"] > 0 and r["source"] == "data"
+    assert r["completion_tokens"] > 0 and r["source"] == "data" and r["rows"] == 4
+    for who in ("student", "teacher"):  # the task metric through decodetune's evaluate
+        assert r["task"][who]["metric"] == "numeric_match" and 0.0 <= r["task"][who]["score"] <= 1.0
 
 
 def test_sequence_kd_and_on_policy(tmp_path, teacher_dir, data_files):
