@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
-TEMPERATURES = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0]
+TEMPERATURES = [0.0, 0.25, 0.5, 1.0, 1.5, 2.0]
 SAMPLERS = {"temperature only": {}, "top-p 0.9": {"top_p": 0.9}, "min-p 0.1": {"min_p": 0.1}}
 
 

@@ -27,7 +27,7 @@ def _arith() -> Task:
     return Task(
         name="arith", kind="closed", metrics=["numeric_match", "length"], splits=_splits("arith"),
         extract="last_number", defaults={"max_new_tokens": 12},
-        description="integer a + b and a - b with operands 0..20 (smollm2-135m greedy: ~40%)",
+        description="integer a + b and a - b with operands 0..20 (smollm2-135m greedy: 33% on 100 test items)",
         prompt_format="What is {a} {op} {b}? Answer with just the number.")
 
 
