@@ -187,3 +187,21 @@ def test_journal_storage_and_parallel_style_resume(run, tmp_path):
     assert res.stats.trials_told == 2
     info = resolve_storage(journal, tmp_path)
     assert len(optuna.load_study(study_name="j", storage=info.storage).trials) == 5
+
+
+def test_model_generation_config_becomes_a_default_to_beat():
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    from decodetune.tuning.final import model_generation_config
+
+    def lm(**kw):
+        return SimpleNamespace(model=SimpleNamespace(generation_config=GenerationConfig(**kw)))
+
+    assert model_generation_config(lm(do_sample=True, temperature=0.6, top_p=0.9)) == DecodingConfig(
+        strategy="sample", temperature=0.6, top_p=0.9)
+    assert model_generation_config(lm(num_beams=4)) == DecodingConfig(strategy="beam", num_beams=4)
+    # sampling knobs without do_sample are ignored by transformers: that is greedy, no extra baseline
+    assert model_generation_config(lm(temperature=0.6)) is None
+    assert model_generation_config(lm()) is None

@@ -73,13 +73,14 @@ NUMERIC = {"strategy": "sample", "temperature": {"low": 0.05, "high": 4.0, "log"
 def test_every_search_kind(echo, tmp_path, search, space, objectives):
     lm, task = echo
     res = tune(lm, task, search=search, n_trials=4, space=space, objectives=objectives, out_dir=tmp_path,
-               batch_trials=2, seed=0)
+               batch_trials=2, seed=0, repeats=2 if search == "gp" else 1)
     study = study_of(tmp_path, res.study_name)
     done = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(done) == (3 if search == "grid" else 4)  # the grid has 3 points
     # the first trial is the default config (greedy / T=1 sampling), it scores what evaluate() says
     first = done[0]
-    ref = evaluate(lm, task, DecodingConfig.from_dict(first.user_attrs["config"]), repeats=1)
+    ref = evaluate(lm, task, DecodingConfig.from_dict(first.user_attrs["config"]),
+                   repeats=2 if search == "gp" else 1)
     assert first.values[0] == pytest.approx(ref.score)
     if space is None or space is GRID:
         assert first.params["strategy"] == "greedy" and first.values[0] == 1.0
@@ -93,6 +94,15 @@ def test_every_search_kind(echo, tmp_path, search, space, objectives):
     assert tuned and all(r["vs"] == "greedy (default)" for r in tuned)
     if objectives:
         assert len(study.best_trials) >= 1 and len(res.best_trials) == len(study.best_trials)
+        from decodetune.tuning.report import render_html
+
+        page = render_html(study)
+        assert "Pareto front" in page and "Pareto-optimal configs" in page
+    if search == "gp":  # sampling configs were evaluated over 2 seeds: mean and CI over items
+        for t in done:
+            assert t.user_attrs["n_rows"] == 2 * 16
+            m = t.user_attrs["metrics"]["exact_match"]
+            assert m["ci_low"] <= m["value"] <= m["ci_high"]
 
 
 def test_pruning_and_cache_on_real_generations(echo, tmp_path):
