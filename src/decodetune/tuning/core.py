@@ -181,6 +181,9 @@ def tune(model: Any, task: Any, *, search: str = "tpe", n_trials: int = 20,
     batch = max(1, batch_trials or DEFAULT_BATCH[search])
     if search == "nsga2" and batch_trials is None:
         batch = sampler_options["population_size"]
+    if batch_trials is None and any(o.metric == "tokens_per_s" for o in objs):
+        # a speed objective is measured per config: rows of other configs in the batch would share its time
+        batch = 1
     bar = _Progress(remaining, progress, console, already)
 
     def on_done(trial: Any, attrs: dict[str, Any] | None, error: str | None) -> None:
@@ -301,8 +304,9 @@ def _unexplored(study: Any, space: SearchSpace, points: list[dict[str, Any]],
     taken = set(skip or ())
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING,
                                                       TrialState.WAITING)):
-        # an enqueued point carries fixed_params; a retried stale trial carries its params
-        params = t.params if t.state != TrialState.WAITING else (t.system_attrs.get("fixed_params") or t.params)
+        # an enqueued point carries fixed_params from the start; its params only appear once suggested,
+        # which another worker may not have done yet (a retried stale trial carries params only)
+        params = {**t.params, **t.system_attrs.get("fixed_params", {})}
         taken.add(_key(space.active_values(params), space))
     return [p for p in points if _key(space.active_values(p), space) not in taken]
 
