@@ -235,8 +235,9 @@ def evaluate_many(model: Any, task: str | Path | Task, configs: Sequence[ConfigL
             task=task_obj.name, split=split, model=lm.name, config=cfg, item_ids=[it.id for it in items],
             repeats=reps[ci], primary=names[0], metrics=table, rows=recs,
             num_tokens=sum(rec["num_tokens"] for rec in recs),
-            num_tokens_generated=sum(len(fresh[r.key][0]["token_ids"]) for r in rows
-                                     if r.config_index == ci and r.key in fresh and first_row[r.key] is r),
+            num_tokens_generated=sum(len(g["token_ids"]) for r in rows
+                                     if r.config_index == ci and r.key in fresh and first_row[r.key] is r
+                                     for g in fresh[r.key]),
             wall_s=0.0, generate_s=generate_s, cache_hits=cached, cache_misses=len(recs) - cached, seed=seed,
             scores=scores, grid=grid))
     if output is not None:
