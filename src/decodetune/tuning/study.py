@@ -171,7 +171,7 @@ def open_study(info: StorageInfo, name: str, directions: list[str], sampler: Any
     for key in IDENTITY_KEYS:
         if key in attrs and key in identity and _norm(attrs[key]) != _norm(identity[key]):
             raise UserError(f"--study-name {name}: the stored study was created with a different {key} "
-                            f"({_short(attrs[key])} vs {_short(identity[key])}); use another --study-name")
+                            f"({_difference(attrs[key], identity[key])}); use another --study-name")
     for key, value in identity.items():
         if key not in attrs:
             study.set_user_attr(key, value)
@@ -182,6 +182,16 @@ def _norm(v: Any) -> Any:
     import json
 
     return json.loads(json.dumps(v, sort_keys=True, default=str))
+
+
+def _difference(stored: Any, asked: Any) -> str:
+    """Name what differs: for mappings, each differing key with both values; else both values."""
+    stored, asked = _norm(stored), _norm(asked)
+    if isinstance(stored, dict) and isinstance(asked, dict):
+        keys = sorted(k for k in set(stored) | set(asked) if stored.get(k) != asked.get(k))
+        return "; ".join(f"{k}: stored {_short(stored.get(k, '(absent)'))}, now {_short(asked.get(k, '(absent)'))}"
+                         for k in keys)
+    return f"stored {_short(stored)}, now {_short(asked)}"
 
 
 def _short(v: Any, n: int = 60) -> str:
