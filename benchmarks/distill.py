@@ -9,7 +9,7 @@ with the teacher, KL(teacher||student); for BatchNorm also the same with batch s
 behaviour) and the causal leak; tokens/s of student vs teacher. The anchor is the teacher itself and
 the untrained (layer-extracted) student, measured in the same run.
 
-    python benchmarks/distill.py                 # about 15-25 min on 2 shared cores
+    python benchmarks/distill.py                 # about 15 min on 2 shared cores (load ~13)
     python benchmarks/distill.py --quick         # a smoke run (minutes)
 
 Teacher generations are cached in $DECODETUNE_CACHE/bench-distill (or ~/.cache/decodetune/...), so
@@ -101,7 +101,8 @@ def evaluate_arm(student: Any, teacher: Any, heldout: list, cache: Any, pad: int
     view = LoadedModel(student, teacher.tokenizer, name="student", chat=teacher.chat)
     res = compare_to_teacher(view, teacher, heldout, batch_size=8, teacher_cache=cache)
     out = {"perplexity": res["student"]["perplexity"], "agreement": res["top1_agreement"],
-           "kl": res["kl_teacher_student"], "tokens": res["completion_tokens"]}
+           "kl": res["kl_teacher_student"], "tokens": res["completion_tokens"],
+           "teacher_perplexity": res["teacher"]["perplexity"]}
     out["leak"] = causal_leak(student, heldout[:4], pad)
     if bn:
         b = compare_to_teacher(view, teacher, heldout, batch_size=8, teacher_cache=cache, batch_statistics=True)
@@ -133,7 +134,7 @@ def main() -> None:
     ap.add_argument("--heldout", type=int, default=24, help="held-out prompts (unseen subjects)")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--layers", type=int, default=7, help="student layers extracted from the teacher's 30")
-    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--seed", type=int, default=0)
@@ -210,11 +211,14 @@ def report(results: dict[str, Any], spd: dict[str, Any], info: dict[str, Any], s
     ratio = info["non_embedding_params"] / info["teacher_non_embedding_params"]
     print(f"student: {args.layers} of 30 layers, {info['non_embedding_params']:,} non-embedding params "
           f"= {ratio:.3f} of the teacher; {steps} steps x {args.batch_size} examples per arm")
-    print(f"{'arm':24}{'ppl':>9}{'agree':>8}{'KL':>8}{'tokens':>8}{'loss0->N':>16}{'train s':>9}")
+    first = next(iter(results.values()))
+    print(f"held-out: {first['tokens']} completion tokens; teacher perplexity on them "
+          f"{first['teacher_perplexity']:.2f}")
+    print(f"{'arm':24}{'ppl':>11}{'agree':>8}{'KL':>8}{'tokens':>8}{'loss first->last':>18}{'train s':>9}")
     for name, r in results.items():
-        loss = f"{r.get('first_loss', float('nan')):.3f}->{r.get('last_loss', float('nan')):.3f}"
-        print(f"{name:24}{r['perplexity']:>9.2f}{r['agreement']:>8.4f}{r['kl']:>8.3f}"
-              f"{r.get('train_tokens', 0):>8}{loss:>16}{r['train_s']:>9.0f}")
+        loss = f"{r['first_loss']:.3f}->{r['last_loss']:.3f}" if "first_loss" in r else "-"
+        print(f"{name:24}{r['perplexity']:>11.2f}{r['agreement']:>8.4f}{r['kl']:>8.3f}"
+              f"{r.get('train_tokens', 0):>8}{loss:>18}{r['train_s']:>9.0f}")
     for name, r in results.items():
         leak = r["leak"]
         print(f"causal leak {name:24} past {leak['past']:.2e}  other sequences {leak['other_sequences']:.2e}"
