@@ -23,9 +23,9 @@ from decodetune.train.augment.pipeline import (
     parse_rates,
     row_augmenter,
 )
-from decodetune.train.augment.robustness import Robustness, augment_task, robustness
+from decodetune.train.augment.robustness import Robustness, augment_task, paired_robustness, robustness
 from decodetune.train.augment.synonyms import LMSuggestions, SynonymTable
 
 __all__ = ["ALL_OPS", "ANSWER_FIELDS", "AugmentResult", "Filters", "LMSuggestions", "LM_OPS", "Robustness",
            "SynonymTable", "TOKEN_OPS", "augment", "augment_rows", "augment_task", "augment_texts",
-           "compile_preserve", "parse_ops", "parse_rates", "robustness", "row_augmenter"]
+           "compile_preserve", "paired_robustness", "parse_ops", "parse_rates", "robustness", "row_augmenter"]

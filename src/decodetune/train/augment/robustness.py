@@ -97,25 +97,32 @@ def robustness(model: Any, task: Any, configs: Sequence[Any], ops: str | Sequenc
     aug = augment_task(base, ops, n, seed, split=split, limit=limit, **(augment_kwargs or {}))
     orig = evaluate_many(model, base, list(configs), split=split, limit=limit, seed=seed, bootstrap=0, **eval_kwargs)
     augr = evaluate_many(model, aug, list(configs), split="all", seed=seed, bootstrap=0, **eval_kwargs)
-    out = []
-    for o, a in zip(orig, augr, strict=True):
-        name = metric or o.primary
-        o_scores = dict(zip(o.item_ids, o.per_item(name), strict=True))
-        by_source: dict[str, list[float]] = {}
-        by_op: dict[str, list[float]] = {}
-        for item, score in zip(aug.items("all"), a.per_item(name), strict=True):
-            if math.isnan(score):
-                continue
-            by_source.setdefault(item.data["aug_source"], []).append(score)
-            by_op.setdefault(item.data["aug_op"], []).append(score)
-        diffs = [o_scores[src] - sum(v) / len(v) for src, v in by_source.items()
-                 if src in o_scores and not math.isnan(o_scores[src])]
-        out.append(Robustness(
-            config=o.config.to_dict(only_set=True), metric=name, original=o.metrics[name].value,
-            augmented=a.metrics[name].value, drop=_mean(diffs), drop_ci=_bootstrap_ci(diffs, bootstrap, seed),
-            items=len(diffs), variants=sum(len(v) for v in by_source.values()),
-            per_op={op: _mean(v) for op, v in by_op.items()}))
-    return out
+    return [paired_robustness(o, a, aug, metric=metric, bootstrap=bootstrap, seed=seed)
+            for o, a in zip(orig, augr, strict=True)]
+
+
+def paired_robustness(original: Any, augmented: Any, aug_task: Any, metric: str | None = None,
+                      bootstrap: int = 1000, seed: int = 0) -> Robustness:
+    """Pair an EvalResult on original items with one on ``aug_task`` (from :func:`augment_task`, split
+    ``all``): per original item, its metric minus the mean over its variants."""
+    name = metric or original.primary
+    o_scores = dict(zip(original.item_ids, original.per_item(name), strict=True))
+    items = {it.id: it for it in aug_task.items("all")}
+    by_source: dict[str, list[float]] = {}
+    by_op: dict[str, list[float]] = {}
+    for item_id, score in zip(augmented.item_ids, augmented.per_item(name), strict=True):
+        if math.isnan(score):
+            continue
+        data = items[item_id].data
+        by_source.setdefault(data["aug_source"], []).append(score)
+        by_op.setdefault(data["aug_op"], []).append(score)
+    diffs = [o_scores[src] - sum(v) / len(v) for src, v in by_source.items()
+             if src in o_scores and not math.isnan(o_scores[src])]
+    return Robustness(
+        config=original.config.to_dict(only_set=True), metric=name, original=original.metrics[name].value,
+        augmented=augmented.metrics[name].value, drop=_mean(diffs), drop_ci=_bootstrap_ci(diffs, bootstrap, seed),
+        items=len(diffs), variants=sum(len(v) for v in by_source.values()),
+        per_op={op: _mean(v) for op, v in by_op.items()})
 
 
 def _mean(values: list[float]) -> float:
