@@ -218,7 +218,6 @@ def tune(model: Any, task: Any, *, search: str = "tpe", n_trials: int = 20,
                     stats.stop_reason = reason
                     break
                 k = min(batch, remaining)
-                reap_stale_trials(study)  # trials of dead workers fail; their retries are enqueued
                 if search == "grid":
                     in_flight = _ask_grid_points(study, info.url, space_obj, grid_points, failed_here, k)
                     if in_flight is None:
@@ -229,6 +228,7 @@ def tune(model: Any, task: Any, *, search: str = "tpe", n_trials: int = 20,
                         continue
                     k = len(in_flight)
                 else:
+                    reap_stale_trials(study)  # trials of dead workers fail; their retries are enqueued
                     in_flight = [study.ask() for _ in range(k)]
                 remaining -= k
                 trials, configs = [], []
@@ -324,6 +324,9 @@ def _ask_grid_points(study: Any, url: str, space: SearchSpace, points: list[dict
     from optuna.trial import TrialState
 
     with study_lock(study, url):
+        # under the lock: between failing a dead worker's trial and enqueueing its retry, its point
+        # must not look free to another worker
+        reap_stale_trials(study)
         todo = _unexplored(study, space, points, skip)
         for point in todo[:k]:
             # not skip_if_exists: that also skips points whose earlier trial failed

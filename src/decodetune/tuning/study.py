@@ -169,9 +169,10 @@ def open_study(info: StorageInfo, name: str, directions: list[str], sampler: Any
                         f"{', '.join(directions)}; use another --study-name")
     attrs = study.user_attrs
     for key in IDENTITY_KEYS:
-        if key in attrs and key in identity and _norm(attrs[key]) != _norm(identity[key]):
+        if key in attrs and key in identity and _comparable(key, attrs[key]) != _comparable(key, identity[key]):
             raise UserError(f"--study-name {name}: the stored study was created with a different {key} "
-                            f"({_difference(attrs[key], identity[key])}); use another --study-name")
+                            f"({_difference(_comparable(key, attrs[key]), _comparable(key, identity[key]))}); "
+                            "use another --study-name")
     for key, value in identity.items():
         if key not in attrs:
             study.set_user_attr(key, value)
@@ -182,6 +183,15 @@ def _norm(v: Any) -> Any:
     import json
 
     return json.loads(json.dumps(v, sort_keys=True, default=str))
+
+
+def _comparable(key: str, value: Any) -> Any:
+    """What must match on resume. A space is its parameters by name; the file it came from may move."""
+    value = _norm(value)
+    if key == "space" and isinstance(value, dict) and isinstance(value.get("params"), list):
+        return {p.get("name", str(i)): {k: v for k, v in p.items() if k != "name"}
+                for i, p in enumerate(value["params"])}
+    return value
 
 
 def _difference(stored: Any, asked: Any) -> str:
