@@ -61,7 +61,11 @@ def generate(model: Any, prompts: Any, config: DecodingConfig | Sequence[Decodin
     prompts, or one per prompt (all decoded in one batch). ``seeds``: one per prompt, overriding
     ``config.seed``; a prompt without a seed gets a fresh random one, recorded in ``Generation.seed``.
     ``logprobs``: also return the raw log-probability of every generated token. ``batch_size``: most
-    rows (sequences, or beams) per forward pass. ``progress``: show a progress bar.
+    rows (sequences, or beams; a prompt's beams are never split) per forward pass. ``progress``: show a
+    progress bar on stderr.
+
+    The same (prompt, config, seed) gives the same tokens whatever else is in the call, its position and
+    ``batch_size``. Bad input raises :class:`~decodetune.errors.UserError` naming the argument.
     """
     lm = _resolve_model(model)
     prompts = _check_prompts(prompts)
@@ -98,7 +102,7 @@ def generate(model: Any, prompts: Any, config: DecodingConfig | Sequence[Decodin
             finished, prefill_s = _decode_flat(runner, chunk, pad, eos, decode, advance)
             for row, fin in zip(chunk, finished, strict=True):
                 out[(row.prompt_index, row.sequence_index)] = _generation(
-                    row.prompt_index, row.sequence_index, row.ids, row.config, row.seed, fin.token_ids,
+                    row.prompt_index, row.sequence_index, row.ids, row.seed, fin.token_ids,
                     fin.logprobs, fin.reason, fin.cut, sum(fin.logprobs), prefill_s, fin.decode_s, decode, eos,
                     logprobs)
         for (num_beams, _), requests in beams.items():
@@ -109,7 +113,7 @@ def generate(model: Any, prompts: Any, config: DecodingConfig | Sequence[Decodin
                 for req, hyps in zip(chunk, results, strict=True):
                     for j, h in enumerate(hyps):
                         out[(req.prompt_index, j)] = _generation(
-                            req.prompt_index, j, req.ids, req.config, req.seed, h.token_ids, h.logprobs,
+                            req.prompt_index, j, req.ids, req.seed, h.token_ids, h.logprobs,
                             h.finish_reason, h.stop_at, h.score, prefill_s, h.decode_s, decode, eos, logprobs)
     return [out[key] for key in sorted(out)]
 
@@ -192,7 +196,7 @@ def _select(scores: torch.Tensor, params: RowParams, gens: Sequence[torch.Genera
     return tokens
 
 
-def _generation(prompt_index: int, sequence_index: int, ids: list[int], config: DecodingConfig, seed: int | None,
+def _generation(prompt_index: int, sequence_index: int, ids: list[int], seed: int | None,
                 token_ids: list[int], lps: list[float], reason: str, cut: int | None, score: float,
                 prefill_s: float, decode_s: float, decode: Callable[[list[int]], str], eos: list[int],
                 want_logprobs: bool) -> Generation:
