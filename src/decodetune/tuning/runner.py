@@ -21,10 +21,8 @@ from __future__ import annotations
 import logging
 import math
 import random
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from decodetune.config import DecodingConfig
@@ -257,13 +255,3 @@ def trial_values(attrs: dict[str, Any], objectives: list[Objective]) -> list[flo
             return None
         out.append(float(v))
     return out
-
-
-def now() -> float:
-    """Monotonic clock (patched in tests)."""
-    return time.monotonic()
-
-
-def out_path(out_dir: str | Path, name: str) -> Path:
-    """A file inside the output folder."""
-    return Path(out_dir) / name
