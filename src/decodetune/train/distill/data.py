@@ -36,7 +36,8 @@ class Example:
 
 
 def load_rows(spec: str, split: str = "dev") -> list[Row]:
-    """Prompt rows from a JSONL file (``prompt`` and optional ``completion``, or ``text``) or a task name.
+    """Prompt rows from a JSONL file (``prompt`` and optional ``completion``, or ``text``) or a task
+    (a builtin name or anything else ``decodetune.tasks.load_task`` accepts, e.g. a CSV file).
 
     For a task, each item's prompt is used and its first reference becomes the row's ``completion``
     (used only with ``--source data``).
@@ -44,7 +45,7 @@ def load_rows(spec: str, split: str = "dev") -> list[Row]:
     from decodetune.io import read_jsonl
 
     path = Path(spec)
-    if path.suffix == ".jsonl" or path.exists():
+    if path.suffix == ".jsonl":
         rows = []
         for row in read_jsonl(path):
             line = row.get("_line")

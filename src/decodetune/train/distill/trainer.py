@@ -154,6 +154,15 @@ def _all_reduce_sum(values: list[float], device: torch.device, world: int) -> li
     return t.tolist()
 
 
+def _comm_device() -> torch.device:
+    """Where collective tensors live: the current CUDA device under nccl, else CPU (gloo)."""
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _gather_objects(obj: Any, world: int) -> list[Any]:
     if world == 1:
         return [obj]
@@ -197,7 +206,10 @@ def teacher_completions(teacher: Any, rows: list[Row], cfg: DistillConfig, rank:
     key = hashlib.sha256(json.dumps([teacher.name, cfg.teacher_decoding, cfg.seed,
                                      [r["prompt"] for r in rows]], sort_keys=True, default=str).encode())
     cache = cache_dir / f"teacher-{key.hexdigest()[:16]}.json" if cache_dir else None
-    if cache is not None and cache.exists():
+    # every rank must take the same branch (a rank that skipped generation would miss the gather)
+    have = float(cache is not None and cache.exists())
+    if cache is not None and _all_reduce_sum([have], torch.device("cpu") if world == 1 else _comm_device(),
+                                             world)[0] == world:
         return json.loads(cache.read_text())
     config = DecodingConfig.from_dict(cfg.teacher_decoding, source="teacher decoding config")
     mine = list(range(rank, len(rows), world))
