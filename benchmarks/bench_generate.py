@@ -4,8 +4,12 @@ Both decode the same prompts for the same number of tokens (``min_new_tokens = m
 sides, so that neither stops early), with the same number of torch threads. Each case is timed
 ``--repeats`` times, alternating the two engines (so that a change in machine load hits both), and the best
 time of each is kept. Prints tokens/s for both and their ratio (decodetune / transformers; >= 1.0 is the
-target), then the memory-bandwidth bound of batch-1 greedy decoding: measured read bandwidth (best time of a
-sum over a 512 MiB tensor) divided by the bytes of weights one token reads (every parameter once).
+target), and ``paired``: the median over repeats of the ratio within each back-to-back pair, the figure to
+read when the machine's load moves during the run. Then the memory-bandwidth bound of batch-1 greedy
+decoding: measured read bandwidth (best time of a sum over a 512 MiB tensor) divided by the bytes of weights
+one token reads (every parameter once); the speed of a bare forward loop (model + KV cache + argmax) timed
+alongside, to separate the model's own speed from the loop's overhead; and finished rows dropped from the
+batch vs kept and masked (16 greedy rows of different lengths).
 
     python benchmarks/bench_generate.py [--new-tokens 32] [--repeats 3] [--threads N]
 """
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import time
 from collections.abc import Callable
@@ -86,7 +91,7 @@ def main() -> None:
     generate(lm, PROMPTS[:2], DecodingConfig(max_new_tokens=4))
     _hf(model, tok, PROMPTS[:2], DecodingConfig(max_new_tokens=4))
 
-    print(f"{'case':38s} {'decodetune tok/s':>17s} {'transformers tok/s':>19s} {'ratio':>6s}")
+    print(f"{'case':38s} {'decodetune tok/s':>17s} {'transformers tok/s':>19s} {'ratio':>6s} {'paired':>7s}")
     batch1_decode_rate = None
     ceiling = 0.0
     for name, prompts, cfg in cases:
@@ -102,7 +107,8 @@ def main() -> None:
                 ceiling = max(ceiling, bare_forward_rate(lm, prompts[0], n))
         tokens = len(prompts) * n
         a, b = tokens / min(ours), tokens / min(theirs)
-        print(f"{name:38s} {a:17.1f} {b:19.1f} {a / b:6.2f}")
+        paired = statistics.median(t / o for o, t in zip(ours, theirs, strict=True))
+        print(f"{name:38s} {a:17.1f} {b:19.1f} {a / b:6.2f} {paired:7.2f}")
 
     drop, mask = drop_vs_mask(lm, n, args.repeats) if not args.skip_drop else (float("nan"), float("nan"))
 
