@@ -94,7 +94,7 @@ def tune(model: Any, task: Any, *, search: str = "tpe", n_trials: int = 20,
          final_test: bool = True, progress: bool = False, console: Any = None,
          model_options: dict[str, Any] | None = None, evaluate_many: Callable[..., list[Any]] | None = None,
          compare: Callable[..., Any] | None = None, per_worker: bool = False,
-         cache: str | Path | None = None) -> TuneResult:
+         cache: str | Path | None = None, eval_seed: int | None = None) -> TuneResult:
     """Search decoding hyperparameters of ``model`` on ``task``'s dev split.
 
     Re-running with the same study (name and storage) continues it: completed trials count toward
@@ -104,6 +104,8 @@ def tune(model: Any, task: Any, *, search: str = "tpe", n_trials: int = 20,
     ``per_worker``: ``n_trials`` counts this process's trials only (``decodetune worker``), so N workers
     sharing one storage run N x n_trials trials; grid workers run until every point is done.
     ``cache``: generation cache file to use instead of the one next to the study (shared by studies).
+    ``seed`` seeds the sampler and the item order; ``eval_seed`` (default ``seed``) is the base of the
+    generation row seeds, so studies with different sampler seeds can share cached generations.
     """
     import optuna
 
@@ -171,7 +173,8 @@ def tune(model: Any, task: Any, *, search: str = "tpe", n_trials: int = 20,
             return "token budget"
         return ""
 
-    evaluator = TrialBatchEvaluator(loaded, task, splits, objs, repeats=repeats, seed=seed, cache=cache,
+    row_seed = seed if eval_seed is None else eval_seed
+    evaluator = TrialBatchEvaluator(loaded, task, splits, objs, repeats=repeats, seed=row_seed, cache=cache,
                                     pruning=pruning, evaluate_many=evaluate_many, stats=stats)
     already = 0 if per_worker else len(finished_trials(study))
     remaining = max(0, n_trials - already)
@@ -262,7 +265,7 @@ def tune(model: Any, task: Any, *, search: str = "tpe", n_trials: int = 20,
         if final_test:
             try:
                 result.test = final_check(loaded, task, study, splits, objs, winners, repeats=repeats,
-                                          seed=seed, cache=cache, progress=progress, compare=compare)
+                                          seed=row_seed, cache=cache, progress=progress, compare=compare)
             except (KeyboardInterrupt, UserError):
                 raise
             except Exception as e:  # the search result stands; say why the check is missing
