@@ -96,8 +96,7 @@ def replay(lm: Any, task: str, limit: int, cache: Path, space: Any, grid: dict[s
     with tempfile.TemporaryDirectory() as tmp:
         res = tune(lm, task, search=search, n_trials=n_trials, space=space, limit=limit, seed=seed,
                    prune=prune, final_test=False, out_dir=tmp, storage=f"sqlite:///{tmp}/s.db",
-                   study_name="bench")
-        # the cache lives next to the storage: point tune at the grid's cache instead
+                   study_name="bench", cache=cache, eval_seed=0)  # the grid's row seeds: all cached
         trials = sorted(res.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
                         key=lambda t: t.number)
     target = 0.99 * grid["optimum"]
@@ -171,19 +170,6 @@ def main() -> None:
           f"{grid['tokens']} tokens ({grid['generated_now']} generated in this run, {grid['wall_s']:.0f} s)")
     n_trials = args.trials or grid["points"]
 
-    # tune() keeps its cache next to its storage; copy the grid's cache there for each replay
-    import shutil
-
-    import decodetune.tuning.core as core
-
-    real_resolve = core.resolve_storage
-
-    def resolve_with_grid_cache(storage: Any, out_dir: Any) -> Any:
-        info = real_resolve(storage, out_dir)
-        shutil.copy(cache, info.cache_path)
-        return info
-
-    core.resolve_storage = resolve_with_grid_cache
     runs = []
     for search, prune in STRATEGIES:
         for seed in range(args.seeds):
@@ -195,7 +181,6 @@ def main() -> None:
                      f"({reached['tokens'] / grid['tokens']:.1%} of grid)" if reached else "did not reach 99%")
                   + f"; {r['trials']} trials, {r['pruned']} pruned, {r['tokens_total']} tokens in all"
                   + (f" [generated {r['tokens_generated_now']}!]" if r["tokens_generated_now"] else ""))
-    core.resolve_storage = real_resolve
 
     summary = {}
     for search, prune in STRATEGIES:
