@@ -64,6 +64,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
     ap.add_argument("--bootstrap", type=int, default=500)
     ap.add_argument("--split", default="test")
+    ap.add_argument("--only", nargs="*", default=None, help="run only these row labels (e.g. greedy)")
+    ap.add_argument("--tag", default="", help="suffix of the results file (degeneration_<tag>.json)")
     args = ap.parse_args()
 
     import torch
@@ -79,6 +81,8 @@ def main() -> None:
     rows = {}
     t_all = time.perf_counter()
     for label, cfg in configs(args.beams).items():
+        if args.only is not None and label not in args.only:
+            continue
         cfg = {**cfg, "max_new_tokens": args.max_new_tokens}
         t0 = time.perf_counter()
         # One config per call so an interrupted run keeps what it finished (in the cache).
@@ -98,14 +102,14 @@ def main() -> None:
     out = {"model": "smollm2-135m", "task": "story", "split": args.split, "prompts": args.prompts,
            "max_new_tokens": args.max_new_tokens, "threads": torch.get_num_threads(),
            "wall_s": round(time.perf_counter() - t_all, 1), "rows": rows, "paper": PAPER}
-    (RESULTS / "degeneration.json").write_text(json.dumps(out, indent=2) + "\n")
+    (RESULTS / f"degeneration{'_' + args.tag if args.tag else ''}.json").write_text(json.dumps(out, indent=2) + "\n")
     print()
     print(markdown(out))
 
 
 def markdown(out: dict) -> str:
     """The BENCHMARKS.md table: ours beside the paper's GPT-2 Large numbers; ratios vs greedy."""
-    g = out["rows"]["greedy"]
+    g = out["rows"].get("greedy") or next(iter(out["rows"].values()))
     lines = ["| decoding | repetition % [95% CI] | Self-BLEU-4 | Zipf | distinct-2 | diversity | gen-ppl | "
              "rep / greedy | paper rep % | paper Self-BLEU-4 |",
              "|---|---|---|---|---|---|---|---|---|---|"]
