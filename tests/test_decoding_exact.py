@@ -149,7 +149,7 @@ def test_batch_size_chunks_give_same_tokens(lm):
 
 @pytest.mark.slow
 def test_smollm2_greedy_and_beam_match_transformers(smollm2):
-    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time,"]
+    prompts = ["The capital of France is", "def fibonacci(n):"]
     lm = LoadedModel(smollm2.model, smollm2.tokenizer, name=smollm2.name, chat=False)
     tok = lm.tokenizer
     enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left")
