@@ -180,8 +180,7 @@ def part_robust(args: Any) -> dict[str, Any]:
             res = tune(model, "arith", search="tpe", n_trials=args.trials, limit=args.tune_limit, seed=args.seed,
                        out_dir=out, final_test=False, prune=False)
         tune_s = time.perf_counter() - t0
-        tuned = res.best_config
-        tuned_from = f"tune(tpe, {args.trials} trials, dev[:{args.tune_limit}])"
+        tuned, tuned_from = pick_tuned(res, args)
     with tempfile.TemporaryDirectory() as tmp:
         table = Path(tmp) / "synonyms.json"
         table.write_text(json.dumps(ARITH_SYNONYMS))
@@ -191,6 +190,25 @@ def part_robust(args: Any) -> dict[str, Any]:
                                                                          "rates": 0.15, "progress": True})
         eval_s = time.perf_counter() - t0
     return {"configs": [r.to_dict() for r in out], "tuned_from": tuned_from, "tune_s": tune_s, "eval_s": eval_s}
+
+
+def pick_tuned(res: Any, args: Any) -> tuple[Any, str]:
+    """The tuner's best config; when that is the default (greedy) baseline, the best other trial, said so."""
+    from decodetune.config import DecodingConfig
+
+    where = f"tune(tpe, {args.trials} trials, dev[:{args.tune_limit}])"
+    done = [t for t in res.study.trials if t.values is not None and "config" in t.user_attrs]
+    base = next((t for t in done if t.user_attrs.get("baseline")), None)
+    best = res.best_trial
+    if best is None or not best.user_attrs.get("baseline"):
+        return res.best_config, f"{where}, dev numeric_match {best.values[0]:.3f}" if best else where
+    others = sorted((t for t in done if not t.user_attrs.get("baseline")), key=lambda t: -t.values[0])
+    if not others:
+        return res.best_config, f"{where}: only the default completed"
+    pick = others[0]
+    return (DecodingConfig.from_dict(pick.user_attrs["config"]),
+            f"{where}: the default won on dev ({base.values[0]:.3f}); using the best other trial "
+            f"(#{pick.number}, dev {pick.values[0]:.3f})")
 
 
 def report(d: dict[str, Any] | None, r: dict[str, Any] | None, args: Any, total_s: float) -> None:
