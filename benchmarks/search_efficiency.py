@@ -193,7 +193,10 @@ def main() -> None:
                                    if hit else None),
             "max_tokens_frac": max(r["reached"]["tokens"] for r in hit) / grid["tokens"] if hit else None,
         }
-    print("\nsummary (fraction of the grid's tokens to reach >= 99% of the grid optimum):")
+    near = sum(1 for v in grid["table"].values() if v["score"] >= 0.99 * grid["optimum"] - 1e-12)
+    print(f"\n{near} of the grid's {grid['points']} configs score >= 99% of the optimum "
+          f"(random sampling without replacement needs {(grid['points'] + 1) / (near + 1):.1f} trials on average)")
+    print("summary (fraction of the grid's tokens to reach >= 99% of the grid optimum):")
     for name, s in summary.items():
         print(f"  {name:11s} reached {s['reached']}, median trials {s['median_trials']}, "
               f"median tokens {s['median_tokens_frac'] if s['median_tokens_frac'] is None else round(s['median_tokens_frac'], 3)}, "  # noqa: E501
@@ -208,7 +211,7 @@ def main() -> None:
               "space": SPACE, "threads": threads, "torch": torch.__version__, "machine": platform.platform(),
               "cpus": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
               "wall_s": time.time() - started,
-              "grid": {k: v for k, v in grid.items() if k != "table"},
+              "grid": {k: v for k, v in grid.items() if k != "table"}, "near_optimal_configs": near,
               "grid_scores": {k: v["score"] for k, v in grid["table"].items()},
               "runs": runs, "summary": summary, "batching": b}
     out.parent.mkdir(parents=True, exist_ok=True)
