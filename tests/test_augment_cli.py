@@ -141,3 +141,23 @@ def test_paraphrase_from_the_cli_with_a_local_model(tmp_path, tiny_tokenizer, ca
     assert all(r["answer"] == ROWS[r["aug_source"]]["answer"] for r in rows)
     assert "paraphrase" in capsys.readouterr().err
     assert main(args) == 0 and out.read_bytes() == first
+
+
+def test_eval_augment_reports_paired_robustness(tmp_path, tiny_tokenizer, capsys):
+    from conftest import build_tiny_model
+
+    model_dir = tmp_path / "tiny"
+    build_tiny_model(len(tiny_tokenizer)).save_pretrained(str(model_dir))
+    tiny_tokenizer.save_pretrained(str(model_dir))
+    task = tmp_path / "add.jsonl"
+    task.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"What is {i} plus 7? Answer with the number.",
+                                        "answer": str(i + 7)}) + "\n" for i in range(5)), encoding="utf-8")
+    base = ["eval", "--task", str(task), "--model", str(model_dir), "--max-new-tokens", "4", "--json",
+            "--bootstrap", "50"]
+    assert main([*base, "--augment", "swap,delete", "--augment-n", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    r = out["robustness"]
+    assert r["original"] == pytest.approx(out["score"]) and r["items"] == 5
+    assert 5 <= r["variants"] <= 20 and set(r["per_op"]) <= {"swap", "delete"}
+    assert main([*base, "--augment", "swap,melt"]) == 2
+    assert "unknown op 'melt'" in capsys.readouterr().err

@@ -88,12 +88,19 @@ def eval_command(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="rows per forward batch"),  # noqa: UP045
     bootstrap: int = typer.Option(1000, "--bootstrap", help="bootstrap resamples for the CIs (0 = none)"),
     as_json: bool = typer.Option(False, "--json", help="print machine-readable JSON"),
+    augment: Optional[str] = typer.Option(  # noqa: UP045
+        None, "--augment", help="also score augmented prompts (ops of `decodetune augment`) and report the drop"),
+    augment_n: int = typer.Option(1, "--augment-n", help="variants per item and op (with --augment)"),
     *,
     config_flags: dict[str, Any],
 ) -> None:
     """Evaluate one decoding config on a task: each metric's mean and 95% bootstrap CI."""
     check_common(repeats, limit, batch_size, bootstrap)
     config = explicit_config(config_flags)
+    if augment:
+        from decodetune.train.augment import parse_ops
+
+        parse_ops(augment)
     from decodetune.eval import evaluate
 
     result = evaluate(model, task, config, split=split, repeats=repeats, limit=limit, metrics=metric or None,
@@ -101,8 +108,16 @@ def eval_command(
                       output=output, progress=not as_json)
     if output is not None:
         print(f"wrote {len(result.rows)} rows to {output}", file=sys.stderr)
+    robust = None
+    if augment:  # the same config on augmented prompts, paired with the originals (decodetune.train.augment)
+        from decodetune.train.augment import augment_task, paired_robustness
+
+        aug_task = augment_task(task, augment, n=augment_n, split=split, limit=limit, model=model)
+        aug_result = evaluate(model, aug_task, config, split="all", repeats=repeats, metrics=metric or None,
+                              batch_size=batch_size, cache=cache, scorer=scorer, bootstrap=0, progress=not as_json)
+        robust = paired_robustness(result, aug_result, aug_task, bootstrap=bootstrap).to_dict()
     if as_json:
-        print(json.dumps(result.to_dict(), ensure_ascii=False))
+        print(json.dumps({**result.to_dict(), **({"robustness": robust} if robust else {})}, ensure_ascii=False))
         return
     from rich.console import Console
 
@@ -114,6 +129,12 @@ def eval_command(
     console.print(f"{result.num_tokens} tokens ({result.num_tokens_generated} generated, "
                   f"{fmt(result.tokens_per_s, 3)} tok/s), cache hits {result.cache_hits}/{len(result.rows)}, "
                   f"{result.wall_s:.1f} s")
+    if robust:
+        lo, hi = robust["drop_ci"]
+        console.print(f"augmented ({augment}): {robust['metric']} {fmt(robust['original'])} on the originals, "
+                      f"{fmt(robust['augmented'])} on {robust['variants']} variants; paired drop {fmt(robust['drop'])} "
+                      f"[{fmt(lo)}, {fmt(hi)}] over {robust['items']} items; per op: "
+                      + ", ".join(f"{k} {fmt(v)}" for k, v in robust["per_op"].items()))
 
 
 def register(app: typer.Typer) -> None:
