@@ -205,3 +205,14 @@ def test_model_generation_config_becomes_a_default_to_beat():
     # sampling knobs without do_sample are ignored by transformers: that is greedy, no extra baseline
     assert model_generation_config(lm(temperature=0.6)) is None
     assert model_generation_config(lm()) is None
+
+
+def test_report_of_a_study_with_failures_and_no_test_check(run, tmp_path):
+    from decodetune.tuning.report import render_html
+
+    ev = FakeEval(fail_when=lambda c: c.strategy == "greedy")
+    res, _ = run(ev, search="grid", space=GRID6, n_trials=10, prune=False, final_test=False)
+    page = render_html(load(tmp_path, res.study_name))
+    assert "No test-split check stored" in page
+    assert "Failed trials" in page and "RuntimeError: boom for greedy" in page
+    assert page.count("plotly.js v") == 1
