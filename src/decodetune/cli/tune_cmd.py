@@ -42,8 +42,14 @@ def tune_command(
     raw: bool = typer.Option(False, "--raw", help="send prompts as-is, without the chat template"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow model code from the hub"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar or tables"),
+    threads: Optional[int] = typer.Option(  # noqa: UP045
+        None, "--threads", help="torch CPU threads (0: the idle cores; default: torch's)"),
 ) -> None:
     """Tune decoding hyperparameters; re-running the same command continues the study."""
+    if threads is not None:
+        from decodetune.cli.demo_cmd import set_threads
+
+        set_threads(threads)
     run_tune(task=task, model=model, search=search, trials=trials, space=space, objective=objective,
              storage=storage, study_name=study_name, timeout=timeout, budget_tokens=budget_tokens,
              repeats=repeats, seed=seed, limit=limit, out=out, batch_trials=batch_trials, prune=prune,
