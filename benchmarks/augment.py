@@ -211,6 +211,23 @@ def pick_tuned(res: Any, args: Any) -> tuple[Any, str]:
             f"(#{pick.number}, dev {pick.values[0]:.3f})")
 
 
+def summarise(runs: list[dict[str, Any]]) -> None:
+    """Across seeds: geometric-mean perplexity, mean agreement (+- sd), and wins against arm (a)."""
+    import math
+    import statistics
+
+    names = list(runs[0]["results"])
+    print(f"\nover {len(runs)} seeds (each: its own student init order, held-out draw, variants, batch order)")
+    print(f"{'arm':26}{'geo-mean ppl':>14}{'agree mean':>12}{'sd':>8}{'ppl < (a)':>11}")
+    base = "a: originals, repeated"
+    for name in names:
+        ppl = [x["results"][name]["perplexity"] for x in runs]
+        agree = [x["results"][name]["agreement"] for x in runs]
+        wins = sum(x["results"][name]["perplexity"] < x["results"][base]["perplexity"] for x in runs)
+        print(f"{name:26}{math.exp(statistics.mean(math.log(p) for p in ppl)):>14.1f}"
+              f"{statistics.mean(agree):>12.4f}{statistics.stdev(agree):>8.4f}{wins:>8}/{len(runs)}")
+
+
 def report(d: dict[str, Any] | None, r: dict[str, Any] | None, args: Any, total_s: float) -> None:
     print()
     print(f"machine: {platform.machine()} {os.cpu_count()} cores; load {os.getloadavg()}; total {total_s:.0f} s")
@@ -250,6 +267,7 @@ def main() -> None:
     ap.add_argument("--tune-limit", type=int, default=20, help="dev items per tuning trial")
     ap.add_argument("--tuned-config", type=Path, default=None, help="use this config instead of tuning")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default=None, help="distill part: comma-separated seeds (replicates), e.g. 0,1,2")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
@@ -258,12 +276,19 @@ def main() -> None:
         args.limit, args.trials, args.tune_limit = 4, 2, 4
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     t0 = time.perf_counter()
-    d = part_distill(args) if args.part in ("distill", "all") else None
+    runs = []
+    if args.part in ("distill", "all"):
+        for seed in [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]:
+            print(f"distill, seed {seed}", flush=True)
+            runs.append(part_distill(argparse.Namespace(**{**vars(args), "seed": seed})))
+            report(runs[-1], None, args, time.perf_counter() - t0)
     r = part_robust(args) if args.part in ("robust", "all") else None
-    report(d, r, args, time.perf_counter() - t0)
+    if len(runs) > 1:
+        summarise(runs)
+    report(None, r, args, time.perf_counter() - t0)
     if args.json is not None:
-        args.json.write_text(json.dumps({"distill": d, "robust": r, "args": {k: str(v) for k, v in vars(args).items()}},
-                                        indent=2, default=str))
+        args.json.write_text(json.dumps({"distill": runs, "robust": r,
+                                         "args": {k: str(v) for k, v in vars(args).items()}}, indent=2, default=str))
 
 
 if __name__ == "__main__":
