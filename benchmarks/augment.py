@@ -12,9 +12,11 @@
 2. ``robust``: prompt robustness on the closed-ended ``arith`` task: numeric_match on the original test
    prompts against their augmented versions (swap, delete, synonym from a small table, paraphrase; numbers
    are protected and must survive), for greedy decoding and for a config tuned by ``decodetune.tune``
-   on the dev split (or ``--tuned-config FILE``). Item-paired drop with a 95% bootstrap CI.
+   on the dev split (or ``--tuned-config FILE``); when the tuner's best is the default itself, the best
+   other trial is used and the output says so. Item-paired drop with a 95% bootstrap CI.
 
-    python benchmarks/augment.py                 # both parts (about 30-40 min on 2 shared cores)
+    python benchmarks/augment.py                 # both parts: ~5 min on 2 idle cores, 30+ min under load
+    python benchmarks/augment.py --part distill --seeds 0,1,2,3,4
     python benchmarks/augment.py --part robust --tuned-config best_config.json
     python benchmarks/augment.py --quick         # a smoke run
 
