@@ -42,7 +42,7 @@ def config_key_fields(config: DecodingConfig) -> dict[str, Any]:
     return d
 
 
-def cache_key(model_id: str, prompt_ids: list[int], config: DecodingConfig, seed: int | None) -> str:
+def cache_key(model_id: str, prompt_ids: Any, config: DecodingConfig, seed: int | None) -> str:
     """Hex SHA-256 of everything that determines the generations of one prompt row."""
     from decodetune import __version__
 
@@ -50,7 +50,7 @@ def cache_key(model_id: str, prompt_ids: list[int], config: DecodingConfig, seed
         "v": SCHEMA_VERSION,
         "decodetune": __version__,
         "model": model_id,
-        "prompt": list(prompt_ids),
+        "prompt": prompt_ids if isinstance(prompt_ids, str) else list(prompt_ids),
         "config": config_key_fields(config),
         "seed": seed if config.is_sampling else None,
     }

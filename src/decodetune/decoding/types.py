@@ -41,8 +41,12 @@ class Generation:
     num_prompt_tokens: int
     score: float
     seed: int | None = None
+    #: generated tokens when ``token_ids`` is not known (chat endpoints return counts, not ids)
+    completion_tokens: int | None = None
+    #: backend-specific facts about the row (e.g. HTTP latency and usage for a server)
+    extra: dict | None = None
 
     @property
     def num_tokens(self) -> int:
         """Number of generated tokens."""
-        return len(self.token_ids)
+        return self.completion_tokens if self.completion_tokens is not None else len(self.token_ids)

@@ -94,6 +94,7 @@ class EvalResult:
     seed: int
     scores: dict[str, MetricScores] = field(default_factory=dict, repr=False)
     grid: np.ndarray | None = field(default=None, repr=False)
+    backend: str = "torch"
 
     @property
     def score(self) -> float:
@@ -112,7 +113,7 @@ class EvalResult:
     def to_dict(self, rows: bool = False, per_item: bool = True) -> dict[str, Any]:
         """JSON-able summary; ``rows=True`` includes every generated row."""
         d: dict[str, Any] = {
-            "task": self.task, "split": self.split, "model": self.model,
+            "task": self.task, "split": self.split, "model": self.model, "backend": self.backend,
             "config": self.config.to_dict(only_set=True), "primary": self.primary,
             "score": _json_float(self.score), "n_items": len(self.item_ids), "repeats": self.repeats,
             "item_ids": list(self.item_ids),

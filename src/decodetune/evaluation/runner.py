@@ -1,11 +1,14 @@
-"""`evaluate`, `evaluate_many`, `compare`: generate with the engine, score, bootstrap.
+"""`evaluate`, `evaluate_many`, `compare`: generate with a backend, score, bootstrap.
 
-Every row of a run (items x repeats x configs) goes to ONE :func:`decodetune.decoding.generate` call,
-which batches rows with different configs together; rows already in the generation cache, or identical
-to another row of the run, are not generated again. Each row's seed is derived from (base seed, item id,
-repeat) and never from the config, so configs compared on the same items see the same random numbers.
-Generations are written to ``output`` (atomically) before any metric runs, so a failing metric never
-loses them; the file is rewritten with the scores once the metrics are done.
+``model`` is a :class:`~decodetune.backends.Backend` (torch, llamacpp, openai, vllm) or anything
+``load_model`` accepts (then the torch backend). Every config is checked against the backend's
+capabilities before anything is generated. Every row of a run (items x repeats x configs) goes to ONE
+``backend.generate`` call (the torch engine batches rows with different configs together); rows
+already in the generation cache, or identical to another row of the run, are not generated again.
+Each row's seed is derived from (base seed, item id, repeat) and never from the config, so configs
+compared on the same items see the same random numbers. Generations are written to ``output``
+(atomically) before any metric runs, so a failing metric never loses them; the file is rewritten with
+the scores once the metrics are done.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from decodetune.cache import GenerationCache, cache_key, model_fingerprint, open_cache
+from decodetune.backends import Backend, as_backend, check_config, requests_of
+from decodetune.cache import GenerationCache, cache_key, open_cache
 from decodetune.config import DecodingConfig
 from decodetune.errors import UserError
 from decodetune.evaluation.result import (
@@ -97,29 +101,30 @@ class _Row:
     repeat: int
     seed: int
     key: str
-    prompt_ids: list[int]
+    prompt_ids: Any  # token ids, or the text / messages for a backend that tokenises server-side
 
 
-def _generate(model: Any, prompts: list[Any], configs: list[DecodingConfig], seeds: list[int], *,
+def _generate(backend: Backend, prompts: list[Any], configs: list[DecodingConfig], seeds: list[int], *,
               batch_size: int | None, progress: bool) -> list[Any]:
-    """The engine call (a module-level seam so tests can substitute the engine)."""
-    from decodetune.decoding import generate
-
-    return generate(model, prompts, configs, seeds=seeds, batch_size=batch_size, progress=progress)
+    """The backend call (a module-level seam so tests can substitute the engine)."""
+    return backend.generate(requests_of(prompts, configs, seeds), batch_size=batch_size, progress=progress)
 
 
 def _gen_to_dict(g: Any) -> dict[str, Any]:
-    return {"text": g.text, "token_ids": [int(t) for t in g.token_ids], "finish_reason": g.finish_reason,
-            "timings": {k: float(v) for k, v in (g.timings or {}).items()},
-            "num_prompt_tokens": int(g.num_prompt_tokens), "score": float(g.score),
-            "sequence_index": int(g.sequence_index)}
+    d = {"text": g.text, "token_ids": [int(t) for t in g.token_ids], "num_tokens": int(g.num_tokens),
+         "finish_reason": g.finish_reason, "timings": {k: float(v) for k, v in (g.timings or {}).items()},
+         "num_prompt_tokens": int(g.num_prompt_tokens), "score": float(g.score),
+         "sequence_index": int(g.sequence_index)}
+    return d
 
 
-def _load(model: Any) -> Any:
-    from decodetune.models import load_model
-    from decodetune.models.handle import LoadedModel
+def _num_tokens(gen: dict[str, Any]) -> int:
+    """Generated tokens of a stored generation (rows cached before ``num_tokens`` existed have ids)."""
+    return int(gen.get("num_tokens", len(gen["token_ids"])))
 
-    return model if isinstance(model, LoadedModel) else load_model(model)
+
+def _load(model: Any) -> Backend:
+    return as_backend(model)
 
 
 def evaluate_many(model: Any, task: str | Path | Task, configs: Sequence[ConfigLike], *, split: str = "dev",
@@ -149,12 +154,15 @@ def evaluate_many(model: Any, task: str | Path | Task, configs: Sequence[ConfigL
             if bare is not None:
                 raise UserError(f"metric {metric.name!r} needs references, but item {bare.id!r} of task "
                                 f"{task_obj.name!r} has none")
-    lm = _load(model)
+    backend = _load(model)
+    for ci, cfg in enumerate(cfgs):  # refused before any generation, naming the field
+        check_config(cfg, backend, where="config" if len(cfgs) == 1 else f"config #{ci + 1}")
     store = open_cache(cache)
-    model_id = model_fingerprint(lm) if store is not None else lm.name
+    # hashing the weights costs a second; without a store the key only de-duplicates rows of this run
+    model_id = backend.identity() if store is not None else f"{backend.name}:{backend.model_name}"
 
     # ---- rows: config-major, then item, then repeat (deterministic configs run once)
-    prompt_ids = [lm.encode(it.prompt) for it in items]
+    prompt_ids = [backend.render(it.prompt) for it in items]
     reps = [repeats if c.is_sampling else 1 for c in cfgs]
     rows: list[_Row] = []
     for ci, cfg in enumerate(cfgs):
@@ -176,7 +184,7 @@ def evaluate_many(model: Any, task: str | Path | Task, configs: Sequence[ConfigL
     if todo:
         req = [first_row[k] for k in todo]
         tg = time.perf_counter()
-        gens = _generate(lm, [items[r.item_index].prompt for r in req], [cfgs[r.config_index] for r in req],
+        gens = _generate(backend, [items[r.item_index].prompt for r in req], [cfgs[r.config_index] for r in req],
                          [r.seed for r in req], batch_size=batch_size, progress=progress)
         generate_s = time.perf_counter() - tg
         grouped: dict[int, list[dict[str, Any]]] = {}
@@ -187,7 +195,7 @@ def evaluate_many(model: Any, task: str | Path | Task, configs: Sequence[ConfigL
                 raise RuntimeError(f"generate() returned nothing for prompt {k_i}")
             fresh[key] = sorted(grouped[k_i], key=lambda d: d["sequence_index"])
         if store is not None:
-            store.put_many(fresh, model=lm.name)
+            store.put_many(fresh, model=backend.model_name)
     values = {**stored, **fresh}
 
     # ---- row records, written before any metric can fail
@@ -199,7 +207,7 @@ def evaluate_many(model: Any, task: str | Path | Task, configs: Sequence[ConfigL
             "config_index": r.config_index, "item_id": it.id, "item_index": r.item_index, "repeat": r.repeat,
             "seed": r.seed, "prompt": it.prompt, "prediction": gen["text"],
             "extracted": task_obj.extract_answer(gen["text"]), "references": list(it.references),
-            "finish_reason": gen["finish_reason"], "num_tokens": len(gen["token_ids"]),
+            "finish_reason": gen["finish_reason"], "num_tokens": _num_tokens(gen),
             "token_ids": gen["token_ids"], "num_prompt_tokens": gen["num_prompt_tokens"],
             "gen_s": float(gen["timings"].get("total_s", 0.0)), "cached": r.key in stored,
             "other_sequences": [g["text"] for g in values[r.key][1:]],
@@ -208,7 +216,9 @@ def evaluate_many(model: Any, task: str | Path | Task, configs: Sequence[ConfigL
         _write_rows(output, records, cfgs)
 
     # ---- metrics per config
-    scorer_loader = _scorer_loader(lm, scorer)
+    scorer_loader = _scorer_loader(backend, scorer)
+    # gen_ppl reuses the generated ids only when the scorer is the generating torch model
+    metric_model = backend.model_name if backend.name == "torch" else backend.identity()
     results = []
     for ci, cfg in enumerate(cfgs):
         recs = [rec for rec in records if rec["config_index"] == ci]
@@ -218,7 +228,7 @@ def evaluate_many(model: Any, task: str | Path | Task, configs: Sequence[ConfigL
             items=[items[rec["item_index"]] for rec in recs], texts=[rec["prediction"] for rec in recs],
             token_ids=[rec["token_ids"] for rec in recs], prompts=[rec["prompt"] for rec in recs],
             prompt_token_ids=[prompt_ids[rec["item_index"]] for rec in recs],
-            gen_seconds=[rec["gen_s"] for rec in recs], scorer_loader=scorer_loader, model_name=lm.name)
+            gen_seconds=[rec["gen_s"] for rec in recs], scorer_loader=scorer_loader, model_name=metric_model)
         table, scores = MetricTable(), {}
         for name, metric in zip(names, metric_objs, strict=True):
             sc = metric(inp)
@@ -232,10 +242,11 @@ def evaluate_many(model: Any, task: str | Path | Task, configs: Sequence[ConfigL
                 rec.setdefault("scores", {})[name] = float(v)
         cached = sum(1 for rec in recs if rec["cached"])
         results.append(EvalResult(
-            task=task_obj.name, split=split, model=lm.name, config=cfg, item_ids=[it.id for it in items],
+            task=task_obj.name, split=split, model=backend.model_name, config=cfg, backend=backend.name,
+            item_ids=[it.id for it in items],
             repeats=reps[ci], primary=names[0], metrics=table, rows=recs,
             num_tokens=sum(rec["num_tokens"] for rec in recs),
-            num_tokens_generated=sum(len(g["token_ids"]) for r in rows
+            num_tokens_generated=sum(_num_tokens(g) for r in rows
                                      if r.config_index == ci and r.key in fresh and first_row[r.key] is r
                                      for g in fresh[r.key]),
             wall_s=0.0, generate_s=generate_s, cache_hits=cached, cache_misses=len(recs) - cached, seed=seed,
@@ -262,9 +273,14 @@ def _write_rows(path: str | Path, records: list[dict[str, Any]], cfgs: list[Deco
     write_jsonl(path, out)
 
 
-def _scorer_loader(lm: Any, scorer: Any) -> Any:
+def _scorer_loader(backend: Backend, scorer: Any) -> Any:
     def load() -> Any:
-        return lm if scorer is None else _load(scorer)
+        if scorer is not None:
+            from decodetune.models import load_model
+
+            return load_model(scorer)
+        own = getattr(backend, "scorer", None)
+        return own() if own is not None else None
 
     return load
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -94,7 +95,8 @@ def tune(model: Any, task: Any, *, search: str = "tpe", n_trials: int = 20,
          final_test: bool = True, progress: bool = False, console: Any = None,
          model_options: dict[str, Any] | None = None, evaluate_many: Callable[..., list[Any]] | None = None,
          compare: Callable[..., Any] | None = None, per_worker: bool = False,
-         cache: str | Path | None = None, eval_seed: int | None = None) -> TuneResult:
+         cache: str | Path | None = None, eval_seed: int | None = None,
+         backend: Any = None) -> TuneResult:
     """Search decoding hyperparameters of ``model`` on ``task``'s dev split.
 
     Re-running with the same study (name and storage) continues it: completed trials count toward
@@ -106,6 +108,9 @@ def tune(model: Any, task: Any, *, search: str = "tpe", n_trials: int = 20,
     ``cache``: generation cache file to use instead of the one next to the study (shared by studies).
     ``seed`` seeds the sampler and the item order; ``eval_seed`` (default ``seed``) is the base of the
     generation row seeds, so studies with different sampler seeds can share cached generations.
+    ``backend``: a :class:`~decodetune.backends.BackendOptions` (or an open backend) to generate with;
+    default the torch engine. The default space is cut down to what it can do, a user space that sets a
+    field it cannot honour is refused before the first trial, and the final test-split check runs on it.
     """
     import optuna
 
@@ -118,7 +123,11 @@ def tune(model: Any, task: Any, *, search: str = "tpe", n_trials: int = 20,
     # ---- everything the user typed is checked before the model is even loaded
     task = _load_task(task)
     objs = parse_objectives(objectives, task)
-    space_obj = _resolve_space(space, search)
+    options = _backend_options(backend, model_options)
+    # a user space is checked against what the backend kind can do before anything loads, and
+    # again against what the opened backend (a probed server) really does
+    space_obj = _resolve_space(space, search, _capabilities_of(backend, options),
+                               options.name if options else backend.name)
     if search == "grid":
         grid_points = space_obj.grid(seed=seed)
     out = Path(out_dir)
@@ -126,17 +135,23 @@ def tune(model: Any, task: Any, *, search: str = "tpe", n_trials: int = 20,
     splits = make_splits(task, limit, seed)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-    from decodetune.models import load_model
+    from decodetune.backends import open_backend
 
-    loaded = load_model(model, **(model_options or {})) if isinstance(model, str) else load_model(model)
-    name = study_name or default_study_name(getattr(loaded, "name", "model"), task.name, search)
+    loaded = backend if options is None else open_backend(model, options)
+    space_obj = _resolve_space(space_obj if space is not None else None, search, loaded.capabilities(),
+                               loaded.name)
+    if search == "grid":
+        grid_points = space_obj.grid(seed=seed)
+    name = study_name or default_study_name(loaded.model_name, task.name, search)
     n_obj = len(objs)
     pruning = bool(prune and n_obj == 1 and not objs[0].corpus and len(splits.dev_indices) > 8)
     sampler_options = {"n_startup_trials": max(4, min(10, n_trials // 3)),
                        "population_size": max(4, min(50, n_trials // 3))}
-    identity = {"model": getattr(loaded, "name", str(model)), "task": task.name,
+    identity = {"model": loaded.model_name, "task": task.name,
                 "objectives": [str(o) for o in objs], "space": space_obj.to_dict(), "limit": limit,
                 "repeats": repeats}
+    if loaded.name != "torch":  # studies made before backends existed carry no backend key
+        identity["backend"] = loaded.name
     sampler = make_sampler(search, seed, space_obj, n_obj, n_trials, sampler_options)
     study = open_study(info, name, [o.optuna_direction for o in objs], sampler, make_pruner(pruning), identity)
     baseline = space_obj.baseline_point()
@@ -148,7 +163,8 @@ def tune(model: Any, task: Any, *, search: str = "tpe", n_trials: int = 20,
     for key, value in (("search", search), ("seed", seed), ("dev_split", splits.dev),
                        ("n_dev_items", len(splits.dev_indices)), ("test_split", splits.test),
                        ("n_test_items", len(splits.test_indices)), ("held_out", splits.held_out),
-                       ("pruning", pruning)):
+                       ("pruning", pruning), ("backend", loaded.name),
+                       ("backend_capabilities", loaded.capabilities().to_dict())):
         if key not in study.user_attrs:
             study.set_user_attr(key, value)
 
@@ -284,16 +300,44 @@ def _load_task(task: Any) -> Any:
     return load_task(task)
 
 
-def _resolve_space(space: Any, search: str) -> SearchSpace:
-    if isinstance(space, SearchSpace):
-        return space
+def _resolve_space(space: Any, search: str, caps: Any, backend_name: str) -> SearchSpace:
+    """The user's space checked against the backend, or the default space cut down to it."""
+    from decodetune.tuning.space_caps import check_space_capabilities
+
     if space is None:
-        return default_space(grid=search == "grid")
-    if isinstance(space, dict):
+        return default_space(grid=search == "grid", capabilities=caps)
+    if isinstance(space, SearchSpace):
+        space_obj = space
+    elif isinstance(space, dict):
         from decodetune.tuning.space import parse_space
 
-        return parse_space(space)
-    return load_space(str(space))
+        space_obj = parse_space(space)
+    else:
+        space_obj = load_space(str(space))
+    check_space_capabilities(space_obj, caps, backend_name)
+    return space_obj
+
+
+def _backend_options(backend: Any, model_options: dict[str, Any] | None) -> Any:
+    """BackendOptions to open (None when ``backend`` is already an open backend)."""
+    from decodetune.backends import Backend, BackendOptions
+
+    if isinstance(backend, Backend):
+        return None
+    opts = backend if isinstance(backend, BackendOptions) else BackendOptions()
+    if model_options:
+        opts = dataclasses.replace(opts, **{k: v for k, v in model_options.items() if k in ("raw",
+                                            "trust_remote_code", "device")})
+    return opts
+
+
+def _capabilities_of(backend: Any, options: Any) -> Any:
+    """Capabilities known before the model loads (a server's are probed when it is opened)."""
+    if options is None:
+        return backend.capabilities()
+    from decodetune.backends.capabilities import static_capabilities
+
+    return static_capabilities(options.name)
 
 
 def _unexplored(study: Any, space: SearchSpace, points: list[dict[str, Any]],

@@ -28,34 +28,13 @@ _CLIP = 400
 
 
 def model_generation_config(loaded: Any) -> DecodingConfig | None:
-    """The model's own ``generation_config`` as a DecodingConfig, if it sets any decoding knob."""
-    gen = getattr(getattr(loaded, "model", None), "generation_config", None)
-    if gen is None:
-        return None
-    try:
-        diff = gen.to_diff_dict()
-    except Exception:
-        return None
-    knobs = {k: diff[k] for k in ("do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p",
-                                   "num_beams", "repetition_penalty", "no_repeat_ngram_size",
-                                   "length_penalty") if diff.get(k) is not None}
-    do_sample = bool(knobs.pop("do_sample", False))
-    beams = int(knobs.get("num_beams", 1) or 1)
-    if not knobs and not do_sample:
-        return None
-    strategy = ("beam_sample" if beams > 1 else "sample") if do_sample else ("beam" if beams > 1 else "greedy")
-    fields: dict[str, Any] = {"strategy": strategy}
-    for k, v in knobs.items():
-        if not do_sample and k in ("temperature", "top_k", "top_p", "min_p", "typical_p"):
-            continue  # transformers ignores them without do_sample
-        if beams <= 1 and k in ("num_beams", "length_penalty"):
-            continue
-        fields[k] = v
-    try:
-        cfg = DecodingConfig.from_dict(fields)
-    except Exception:
-        return None
-    return None if cfg == DecodingConfig(strategy="greedy") else cfg
+    """The model's own generation defaults as the backend reports them (None if it has none)."""
+    own = getattr(loaded, "default_config", None)
+    if own is not None:
+        return own()
+    from decodetune.backends.torch_backend import generation_config_to_decoding
+
+    return generation_config_to_decoding(getattr(getattr(loaded, "model", None), "generation_config", None))
 
 
 def final_check(loaded: Any, task: Any, study: Any, splits: Splits, objectives: list[Objective],

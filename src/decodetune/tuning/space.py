@@ -237,8 +237,11 @@ def _on_step(v: float, p: Param) -> bool:
 
 
 # ==================================================================== defaults
-def default_space(grid: bool = False) -> SearchSpace:
-    """The built-in conditional space (a small finite version when ``grid`` is true)."""
+def default_space(grid: bool = False, capabilities: Any = None) -> SearchSpace:
+    """The built-in conditional space (a small finite version when ``grid`` is true).
+
+    ``capabilities`` (a backend's): strategies and fields it cannot honour are left out.
+    """
     if grid:
         spec: dict[str, Any] = {
             "strategy": ["greedy", "beam", "sample"],
@@ -248,7 +251,7 @@ def default_space(grid: bool = False) -> SearchSpace:
             "top_p": [0.9, 1.0],
             "repetition_penalty": [1.0, 1.2],
         }
-        return parse_space(spec, source="default grid space")
+        return parse_space(_within(spec, capabilities), source="default grid space")
     spec = {
         "strategy": ["greedy", "beam", "sample"],
         "num_beams": {"low": 2, "high": 8},
@@ -260,7 +263,24 @@ def default_space(grid: bool = False) -> SearchSpace:
         "repetition_penalty": {"low": 1.0, "high": 1.5},
         "no_repeat_ngram_size": {"low": 0, "high": 4},
     }
-    return parse_space(spec, source="default space")
+    return parse_space(_within(spec, capabilities), source="default space")
+
+
+def _within(spec: dict[str, Any], capabilities: Any) -> dict[str, Any]:
+    """The default spec without what a backend cannot do (beam knobs go when beams go)."""
+    if capabilities is None:
+        return spec
+    strategies = [s for s in spec["strategy"] if s in capabilities.strategies]
+    out: dict[str, Any] = {"strategy": strategies if len(strategies) > 1 else strategies[0]}
+    has_beam = any(s in ("beam", "beam_sample") for s in strategies)
+    has_sampling = any(s in ("sample", "beam_sample") for s in strategies)
+    for name, value in spec.items():
+        if name == "strategy" or (name not in capabilities.fields and name != "num_beams"):
+            continue
+        if (name in BEAM_ONLY and not has_beam) or (name in SAMPLING_ONLY and not has_sampling):
+            continue
+        out[name] = value
+    return out
 
 
 # ==================================================================== parsing
