@@ -71,7 +71,7 @@ class DecodingConfig:
     def _coerce(self) -> None:
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if f.name in _INT_FIELDS and v is not None:
+            if f.name in _INT_FIELDS and not (v is None and f.name in _OPTIONAL_FIELDS):
                 setattr(self, f.name, _as_int(f.name, v))
             elif f.name in _FLOAT_FIELDS:
                 setattr(self, f.name, _as_float(f.name, v))
@@ -82,6 +82,8 @@ class DecodingConfig:
         self.stop = list(self.stop)
         if isinstance(self.sampler_order, str):
             self.sampler_order = [s.strip() for s in self.sampler_order.replace(";", ",").split(",") if s.strip()]
+        if not isinstance(self.sampler_order, list | tuple):
+            raise ConfigError("sampler_order", f"must be a list of sampler names, got {self.sampler_order!r}")
         self.sampler_order = list(self.sampler_order)
 
     def validate(self) -> None:
@@ -253,6 +255,8 @@ class DecodingConfig:
 
 _INT_FIELDS = {"max_new_tokens", "min_new_tokens", "top_k", "no_repeat_ngram_size", "num_beams",
                "num_return_sequences", "seed"}
+#: Fields where None is a value of its own (no seed: a fresh random one per call).
+_OPTIONAL_FIELDS = {"seed"}
 _FLOAT_FIELDS = {"temperature", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff",
                  "repetition_penalty", "presence_penalty", "frequency_penalty", "length_penalty"}
 
@@ -260,6 +264,8 @@ _FLOAT_FIELDS = {"temperature", "top_p", "min_p", "typical_p", "epsilon_cutoff",
 def _as_int(name: str, v: Any) -> int:
     if isinstance(v, bool) or not isinstance(v, int | float | str):
         raise ConfigError(name, f"must be an integer, got {v!r}")
+    if isinstance(v, int):
+        return int(v)  # as is: a float round trip would round seeds above 2**53
     try:
         f = float(v)
     except ValueError:

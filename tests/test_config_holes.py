@@ -1,0 +1,41 @@
+"""Regression tests for the correctness holes of issue 11 (each failed before its fix)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from decodetune.cli.options import build_config
+from decodetune.config import DEFAULT_SAMPLER_ORDER, DecodingConfig
+from decodetune.decoding import sampler as S
+from decodetune.decoding.beam import BeamRequest, beam_search
+from decodetune.decoding.processors import RowParams
+from decodetune.decoding.runner import ModelRunner
+from decodetune.errors import ConfigError
+from decodetune.tuning.estimator import DecodingEstimator
+from decodetune.tuning.space import default_space
+
+from conftest import build_tiny_model
+
+
+def config_error(**kwargs) -> ConfigError:
+    """The ConfigError that ``DecodingConfig(**kwargs)`` raises."""
+    with pytest.raises(ConfigError) as e:
+        DecodingConfig(**kwargs)
+    assert "\n" not in str(e.value)
+    return e.value
+
+
+# ---------------------------------------------------------------- None in int fields
+@pytest.mark.parametrize("name", ["max_new_tokens", "min_new_tokens", "top_k", "no_repeat_ngram_size",
+                                  "num_beams", "num_return_sequences"])
+def test_int_field_none_is_a_config_error(name):
+    assert config_error(**{name: None}).field == name
+
+
+def test_seed_none_stays_valid_and_big_seeds_stay_exact():
+    assert DecodingConfig(seed=None).seed is None
+    assert DecodingConfig(seed=2**62 + 1).seed == 2**62 + 1  # not rounded through a float
+    assert config_error(sampler_order=None).field == "sampler_order"
