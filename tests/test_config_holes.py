@@ -39,3 +39,14 @@ def test_seed_none_stays_valid_and_big_seeds_stay_exact():
     assert DecodingConfig(seed=None).seed is None
     assert DecodingConfig(seed=2**62 + 1).seed == 2**62 + 1  # not rounded through a float
     assert config_error(sampler_order=None).field == "sampler_order"
+
+
+# ---------------------------------------------------------------- early_stopping: bools by identity
+@pytest.mark.parametrize("value", [1, 0, 1.0, "true", None])
+def test_early_stopping_refuses_numbers_and_strings(value):
+    assert config_error(strategy="beam", num_beams=2, early_stopping=value).field == "early_stopping"
+
+
+@pytest.mark.parametrize("value", [True, False, "never"])
+def test_early_stopping_accepts_bools_and_never(value):
+    assert DecodingConfig(strategy="beam", num_beams=2, early_stopping=value).early_stopping is value

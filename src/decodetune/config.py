@@ -124,7 +124,8 @@ class DecodingConfig:
             )
         if self.strategy == "greedy" and self.num_return_sequences > 1:
             raise ConfigError("num_return_sequences", "greedy decoding returns one sequence; use sample or beam")
-        if self.early_stopping not in (True, False, "never"):
+        # by identity: 1 == True, and the beam search tests ``early_stopping is True``
+        if not (self.early_stopping is True or self.early_stopping is False or self.early_stopping == "never"):
             raise ConfigError("early_stopping", f"must be true, false or 'never', got {self.early_stopping!r}")
         unknown = [s for s in self.sampler_order if s not in DEFAULT_SAMPLER_ORDER]
         if unknown:
