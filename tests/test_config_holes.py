@@ -50,3 +50,18 @@ def test_early_stopping_refuses_numbers_and_strings(value):
 @pytest.mark.parametrize("value", [True, False, "never"])
 def test_early_stopping_accepts_bools_and_never(value):
     assert DecodingConfig(strategy="beam", num_beams=2, early_stopping=value).early_stopping is value
+
+
+# ---------------------------------------------------------------- non-finite and unbounded floats
+@pytest.mark.parametrize("name, value", [
+    ("presence_penalty", math.inf), ("frequency_penalty", -math.inf), ("presence_penalty", 2.5),
+    ("frequency_penalty", -2.01), ("temperature", math.inf), ("repetition_penalty", math.inf),
+    ("length_penalty", math.inf), ("length_penalty", -math.inf), ("temperature", "inf"),
+])
+def test_non_finite_or_out_of_range_floats_are_refused(name, value):
+    assert config_error(strategy="sample", **{name: value}).field == name
+
+
+def test_penalties_accept_vllm_range():
+    cfg = DecodingConfig(presence_penalty=-2, frequency_penalty=2.0)
+    assert (cfg.presence_penalty, cfg.frequency_penalty) == (-2.0, 2.0)

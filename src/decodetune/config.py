@@ -2,7 +2,8 @@
 
 Field names follow transformers' ``GenerationConfig`` where it has them. Penalties follow vLLM's
 semantics: ``repetition_penalty`` looks at prompt and output tokens (as transformers does),
-``presence_penalty`` and ``frequency_penalty`` look at output tokens only (as vLLM and OpenAI do).
+``presence_penalty`` and ``frequency_penalty`` look at output tokens only and lie in [-2, 2] (as in vLLM
+and OpenAI). Every float field must be finite.
 The exporters live in :mod:`decodetune.export`.
 """
 
@@ -109,6 +110,9 @@ class DecodingConfig:
                 raise ConfigError(name, f"must be in [0, 1), got {getattr(self, name)}")
         if self.repetition_penalty <= 0:
             raise ConfigError("repetition_penalty", f"must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):  # vLLM's and OpenAI's range
+            if not -2 <= getattr(self, name) <= 2:
+                raise ConfigError(name, f"must be in [-2, 2], got {getattr(self, name)}")
         if self.no_repeat_ngram_size < 0:
             raise ConfigError("no_repeat_ngram_size", f"must be >= 0, got {self.no_repeat_ngram_size}")
         if self.num_beams < 1:
@@ -283,6 +287,7 @@ def _as_float(name: str, v: Any) -> float:
         f = float(v)
     except ValueError:
         raise ConfigError(name, f"must be a number, got {v!r}") from None
-    if math.isnan(f):
-        raise ConfigError(name, "must be a number, got NaN")
+    if not math.isfinite(f):
+        # no float field has a meaning at infinity, and inf * 0 or inf / inf turn logits into NaN
+        raise ConfigError(name, f"must be a finite number, got {f}")
     return f
