@@ -65,3 +65,15 @@ def test_non_finite_or_out_of_range_floats_are_refused(name, value):
 def test_penalties_accept_vllm_range():
     cfg = DecodingConfig(presence_penalty=-2, frequency_penalty=2.0)
     assert (cfg.presence_penalty, cfg.frequency_penalty) == (-2.0, 2.0)
+
+
+# ---------------------------------------------------------------- replace() with the alias
+def test_replace_accepts_the_beam_size_alias():
+    base = DecodingConfig(strategy="beam", num_beams=2)
+    assert base.replace(beam_size=4).num_beams == 4
+    assert base.replace(num_beams=3).num_beams == 3
+    with pytest.raises(ConfigError, match="given twice"):
+        base.replace(beam_size=4, num_beams=4)
+    with pytest.raises(ConfigError) as e:
+        base.replace(beam_width=4)
+    assert e.value.field == "beam_width"

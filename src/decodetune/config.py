@@ -159,8 +159,8 @@ class DecodingConfig:
     def replace(self, **changes: Any) -> DecodingConfig:
         """A validated copy with some fields changed (aliases accepted)."""
         d = self.to_dict()
-        d.update(changes)
-        return DecodingConfig.from_dict(d)
+        d.update(_field_kwargs(changes, "replace()"))
+        return type(self)(**d)
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self, only_set: bool = False) -> dict[str, Any]:
@@ -176,16 +176,7 @@ class DecodingConfig:
         """Build from a dict; ``beam_size`` is an alias of ``num_beams``; unknown keys are an error."""
         if not isinstance(data, dict):
             raise UserError(f"{source}: expected a mapping of config fields, got {type(data).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs: dict[str, Any] = {}
-        for key, value in data.items():
-            name = ALIASES.get(key, key)
-            if name not in names:
-                raise ConfigError(key, f"unknown config key in {source}; known keys: {', '.join(sorted(names))}")
-            if name in kwargs:
-                raise ConfigError(key, f"given twice in {source} (beam_size is an alias of num_beams)")
-            kwargs[name] = value
-        return cls(**kwargs)
+        return cls(**_field_kwargs(data, source))
 
     def to_json(self, only_set: bool = False) -> str:
         """JSON text of :meth:`to_dict`."""
@@ -256,6 +247,20 @@ class DecodingConfig:
         from decodetune.export import to_openai
 
         return to_openai(self, strict=strict)
+
+
+def _field_kwargs(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """``data`` keyed by field names: aliases resolved, unknown keys and a field given twice refused."""
+    names = [f.name for f in dataclasses.fields(DecodingConfig)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        name = ALIASES.get(key, key)
+        if name not in names:
+            raise ConfigError(key, f"unknown config key in {source}; known keys: {', '.join(sorted(names))}")
+        if name in kwargs:
+            raise ConfigError(key, f"given twice in {source} (beam_size is an alias of num_beams)")
+        kwargs[name] = value
+    return kwargs
 
 
 _INT_FIELDS = {"max_new_tokens", "min_new_tokens", "top_k", "no_repeat_ngram_size", "num_beams",
