@@ -27,7 +27,7 @@ from decodetune.export import ExportError
         ({"repetition_penalty": 0}, "repetition_penalty"),
         ({"max_new_tokens": 0}, "max_new_tokens"),
         ({"min_new_tokens": 100, "max_new_tokens": 10}, "min_new_tokens"),
-        ({"early_stopping": "sometimes", "strategy": "beam"}, "early_stopping"),
+        ({"early_stopping": "sometimes", "strategy": "beam", "num_beams": 2}, "early_stopping"),
         ({"sampler_order": ["top_k", "mirostat"]}, "sampler_order"),
         ({"top_k": 2.5}, "top_k"),
         ({"temperature": "hot"}, "temperature"),

@@ -77,3 +77,27 @@ def test_replace_accepts_the_beam_size_alias():
     with pytest.raises(ConfigError) as e:
         base.replace(beam_width=4)
     assert e.value.field == "beam_width"
+
+
+# ---------------------------------------------------------------- beams need num_beams >= 2
+@pytest.mark.parametrize("strategy", ["beam", "beam_sample"])
+def test_beam_strategies_with_one_beam_are_refused(strategy):
+    err = config_error(strategy=strategy, num_beams=1, temperature=0.7)
+    assert err.field == "num_beams" and ">= 2" in str(err)
+    assert config_error(strategy=strategy).field == "num_beams"  # the default num_beams is 1
+    assert config_error(strategy=strategy, num_beams=0).field == "num_beams"
+
+
+def test_default_spaces_and_estimator_still_build_beam_configs():
+    for grid in (True, False):
+        space = default_space(grid=grid)
+        cfg = space.config({"strategy": "beam"})
+        assert cfg.num_beams >= 2
+    grid_space = default_space(grid=True)
+    for point in grid_space.grid():
+        grid_space.config(point)  # every point of the default grid is a valid config
+    assert DecodingEstimator(beam_size=1).config().strategy == "greedy"
+    assert DecodingEstimator(beam_size=1, temperature=0.5).config().strategy == "sample"
+    assert DecodingEstimator(beam_size=3).config().num_beams == 3
+    with pytest.raises(ConfigError, match="^num_beams"):
+        DecodingEstimator(strategy="beam").config()

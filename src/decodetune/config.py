@@ -34,7 +34,8 @@ class DecodingConfig:
     """How to decode. Unset sampling fields are neutral (``top_k=0``, ``top_p=1.0``... mean off).
 
     ``strategy`` is one of greedy | beam | sample | beam_sample. ``temperature=0`` with ``sample``
-    is greedy decoding (the limit of softmax(logits / T) as T -> 0).
+    is greedy decoding (the limit of softmax(logits / T) as T -> 0). ``beam`` and ``beam_sample`` need
+    ``num_beams >= 2``; the other strategies take ``num_beams = 1``.
     """
 
     strategy: str = "greedy"
@@ -117,6 +118,10 @@ class DecodingConfig:
             raise ConfigError("no_repeat_ngram_size", f"must be >= 0, got {self.no_repeat_ngram_size}")
         if self.num_beams < 1:
             raise ConfigError("num_beams", f"must be >= 1, got {self.num_beams}")
+        if self.is_beam and self.num_beams < 2:
+            # one beam is not greedy/sampling (it keeps the better of 2 candidates) yet exports as if it were
+            raise ConfigError("num_beams", f"must be >= 2 for strategy {self.strategy!r}, got {self.num_beams} "
+                                           f"(one beam is strategy {'sample' if self.is_sampling else 'greedy'})")
         if self.num_beams > 1 and not self.is_beam:
             raise ConfigError("num_beams", f"is {self.num_beams} but strategy {self.strategy!r} has no beams")
         if self.num_return_sequences < 1:
