@@ -50,6 +50,42 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _file_ancestor(p: Path) -> Path | None:
+    """The nearest existing ancestor of ``p`` if it is not a folder (so ``p`` can't be created)."""
+    for parent in p.parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
+
+
+def check_output_path(path: str | Path | None, flag: str) -> None:
+    """Refuse an output file path that can't be written, before any work is done.
+
+    An existing folder, or a path under an existing regular file, is a :class:`UserError` naming ``flag``;
+    missing parent folders are fine (:func:`atomic_write` creates them). ``None`` means no output.
+    """
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{flag} {p}: is a directory, expected a file path")
+    blocker = _file_ancestor(p)
+    if blocker is not None:
+        raise UserError(f"{flag} {p}: {blocker} is a file, not a folder")
+
+
+def check_output_dir(path: str | Path | None, flag: str) -> None:
+    """Refuse an output folder path that is an existing regular file (or lies under one), before any work."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{flag} {p}: is a file, expected a folder")
+    blocker = _file_ancestor(p)
+    if blocker is not None:
+        raise UserError(f"{flag} {p}: {blocker} is a file, not a folder")
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path, mode: str = "w") -> Iterator[TextIO]:
     """Open a temp file next to ``path``; rename it over ``path`` only if the block succeeds."""

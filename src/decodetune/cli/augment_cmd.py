@@ -59,12 +59,13 @@ def augment_command(
     config_flags: dict[str, Any],
 ) -> None:
     """Augment prompts or training data: EDA token edits, paraphrase and back-generation, with filters."""
-    from decodetune.io import read_jsonl, write_jsonl
+    from decodetune.io import check_output_path, read_jsonl, write_jsonl
     from decodetune.train.augment import Filters, compile_preserve, parse_ops, parse_rates
     from decodetune.train.augment.lm_ops import LM_OPS, PARAPHRASE_TEMPLATE
     from decodetune.train.augment.pipeline import augment
 
     # Everything the user typed is checked before the input is read or a model is loaded.
+    check_output_path(out, "--out")
     op_list = parse_ops(ops)
     parse_rates(rate)
     if n < 1:

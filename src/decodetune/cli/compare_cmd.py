@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import typer
 
-from decodetune.cli.eval_cmd import ARROW, check_common, fmt
+from decodetune.cli.eval_cmd import ARROW, check_common, check_outputs, fmt
 from decodetune.errors import UserError
 
 
@@ -64,6 +64,7 @@ def compare_command(
 ) -> None:
     """Is B really better than A? Same items, same seeds, paired differences with a paired test."""
     check_common(repeats, limit, batch_size, bootstrap)
+    check_outputs(output, cache)
     if len(config) < 2:
         raise UserError("--config: give at least two configs (the first is the baseline)")
     if not 0 < alpha < 1:

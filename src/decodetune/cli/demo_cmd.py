@@ -15,6 +15,8 @@ from typing import Optional
 
 import typer
 
+from decodetune.errors import UserError
+
 #: Compact space: the three strategies and the knobs that matter most for short answers.
 DEMO_SPACE = {
     "strategy": ["greedy", "beam", "sample"],
@@ -39,7 +41,18 @@ def demo_command(
 ) -> None:
     """Tune the embedded model on a builtin task, compare with greedy on the test split, write a report."""
     from decodetune.cli.tune_cmd import run_tune
+    from decodetune.io import check_output_dir
 
+    # checked before the demo space is written into --out, so bad input leaves no folder behind
+    check_output_dir(out, "--out")
+    for flag, value, ok in (("--trials", trials, trials >= 1), ("--limit", limit, limit >= 1),
+                            ("--timeout", timeout, timeout > 0)):
+        if not ok:
+            raise UserError(f"{flag}: must be {'> 0' if flag == '--timeout' else '>= 1'}, got {value}")
+    if space is not None:
+        from decodetune.tuning.space import load_space
+
+        load_space(str(space))  # a bad file is one error line, not one after the banner
     t0 = time.monotonic()
     n_threads = set_threads(threads)
     print(f"decodetune demo: TPE search over greedy / beam / sampling for {model} on task {task} "
@@ -63,8 +76,6 @@ def set_threads(threads: int) -> int:
     import torch
 
     if threads < 0:
-        from decodetune.errors import UserError
-
         raise UserError(f"--threads: must be >= 0, got {threads}")
     if threads == 0:
         if os.environ.get("OMP_NUM_THREADS"):

@@ -141,11 +141,12 @@ def distill_eval_command(
 ) -> None:
     """Compare a student with its teacher: perplexity, top-1 agreement, KL, tokens/s, task metric."""
     from decodetune.config import DecodingConfig
-    from decodetune.io import write_json
+    from decodetune.io import check_output_path, write_json
     from decodetune.train.distill.data import load_rows
     from decodetune.train.distill.evaluate import compare_to_teacher, generation_speed, task_scores
     from decodetune.train.distill.trainer import DistillConfig, build_examples, resolve_source, teacher_completions
 
+    check_output_path(output, "--output")
     if batch_size < 1:
         raise UserError(f"--batch-size: must be >= 1, got {batch_size}")
     rows = load_rows(data, split)[: limit if limit is not None else None]

@@ -20,6 +20,7 @@ def explicit_config(config_flags: dict[str, Any]) -> dict[str, Any]:
     """The config fields the user set (in ``--config`` or as flags), validated, so task defaults fill
     only the others (``--max-new-tokens 64`` must win over a task default even though 64 is the class
     default)."""
+    config_flags = inline_config(config_flags)
     cfg = build_config(config_flags)
     explicit = {k for k in config_flags if k != "__file__"}
     path = config_flags.get("__file__")
@@ -37,6 +38,33 @@ def explicit_config(config_flags: dict[str, Any]) -> dict[str, Any]:
             explicit |= {ALIASES.get(k, k) for k in raw}
     full = cfg.to_dict()
     return {**cfg.to_dict(only_set=True), **{k: full[k] for k in explicit if k in full}}
+
+
+def inline_config(config_flags: dict[str, Any]) -> dict[str, Any]:
+    """``--config '{"strategy": "sample"}'``: inline JSON as ``compare --config`` takes it, as flags.
+
+    The JSON's fields go under the explicit flags (which still win), so every command reads ``--config``
+    the same way: a JSON/YAML file, or inline JSON.
+    """
+    path = config_flags.get("__file__")
+    if path is None or not str(path).lstrip().startswith("{"):
+        return config_flags
+    from decodetune.cli.compare_cmd import parse_config_arg
+    from decodetune.config import ALIASES
+
+    _, data = parse_config_arg(str(path))
+    if not isinstance(data, dict):
+        raise UserError(f"--config {path}: inline JSON must be an object of config fields")
+    flags = {k: v for k, v in config_flags.items() if k != "__file__"}
+    return {"__file__": None, **{ALIASES.get(k, k): v for k, v in data.items()}, **flags}
+
+
+def check_outputs(output: Path | None, cache: Path | None) -> None:
+    """``--output`` and ``--cache`` must be writable file paths: refused before any generation."""
+    from decodetune.io import check_output_path
+
+    check_output_path(output, "--output")
+    check_output_path(cache, "--cache")
 
 
 def fmt(v: float | None, digits: int = 4) -> str:
@@ -96,6 +124,7 @@ def eval_command(
 ) -> None:
     """Evaluate one decoding config on a task: each metric's mean and 95% bootstrap CI."""
     check_common(repeats, limit, batch_size, bootstrap)
+    check_outputs(output, cache)
     config = explicit_config(config_flags)
     if augment:
         from decodetune.train.augment import parse_ops

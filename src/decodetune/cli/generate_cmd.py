@@ -28,7 +28,13 @@ def generate_command(
     config_flags: dict[str, Any],
 ) -> None:
     """Generate text for prompts with any decoding strategy."""
-    config = build_config(config_flags)
+    from decodetune.cli.eval_cmd import inline_config
+    from decodetune.io import check_output_path
+
+    check_output_path(output, "--output")  # before the model loads, not after all the generation
+    if prompt and input is not None:
+        raise UserError("--prompt, --input: give --prompt or --input, not both")
+    config = build_config(inline_config(config_flags))
     rows = _read_prompts(prompt, input)
     if batch_size is not None and batch_size < 1:
         raise UserError(f"--batch-size: must be >= 1, got {batch_size}")

@@ -17,7 +17,12 @@ def report_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="don't print the summary tables"),
 ) -> None:
     """Write an HTML report of a study from its storage alone."""
+    from decodetune.io import check_output_path
     from decodetune.tuning.report import load_study, print_summary, write_report
+    from decodetune.tuning.study import check_storage_exists
+
+    check_output_path(out, "--out")
+    check_storage_exists(storage)  # opening a missing sqlite:/// file would create an empty database
 
     study = load_study(storage, study_name)
     if not quiet:

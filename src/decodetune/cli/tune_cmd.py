@@ -64,8 +64,10 @@ def run_tune(*, task: str, model: str, search: str, trials: int, space: Path | N
     """Shared by ``tune`` and ``demo``: run, print the summary, write the report."""
     from rich.console import Console
 
+    from decodetune.io import check_output_dir
     from decodetune.tuning.study import SEARCHES
 
+    check_output_dir(out, "--out")  # a regular file there would fail only after the model loaded
     search = search.lower()
     if search not in SEARCHES:
         raise UserError(f"--search: unknown search {search!r}; choose one of {', '.join(SEARCHES)}")

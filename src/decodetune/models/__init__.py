@@ -134,8 +134,14 @@ def _from_gguf(path: Path, *, raw: bool, device: str | None) -> LoadedModel:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    except (ValueError, KeyError, OSError, EOFError) as e:
+        # the GGUF reader raises these for files that are not GGUF (bad magic, empty, truncated) or that
+        # hold an architecture transformers can't load: bad input, so one line naming the file
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(f"model {str(path)!r}: not a loadable GGUF file ({reason})") from None
     model.to(_device(device))
     return LoadedModel(model, tok, name=str(path.resolve()), chat=_has_chat(tok) and not raw, source=str(path))
 
