@@ -15,7 +15,9 @@ def status_command(
 ) -> None:
     """Show completed, running, failed and pruned trials, the best so far and throughput."""
     from decodetune.tuning.report import load_study
+    from decodetune.tuning.study import check_storage_exists
 
+    check_storage_exists(storage)  # opening a missing sqlite:/// file would create an empty database
     study = load_study(storage, study_name)
     info = study_status(study)
     if as_json:

@@ -42,43 +42,89 @@ def _redact(url: str) -> str:
 def resolve_storage(storage: str | None, out_dir: Path) -> StorageInfo:
     """Open ``storage`` (an Optuna URL, or a ``.journal``/``.log`` file path) or the default SQLite file.
 
-    The generation cache sits next to a file storage, and in ``out_dir`` for a server storage. A storage
-    that can't be opened is a :class:`UserError` naming the (password-redacted) URL.
+    The generation cache sits next to a file storage, and in ``out_dir`` for a server storage. Missing
+    folders are created (for ``--out``, a journal file and ``sqlite:///`` alike), but only kept if the
+    storage opens: a storage that can't be opened is a :class:`UserError` naming the (password-redacted)
+    URL, and leaves no empty folder behind.
     """
     import optuna
-    from optuna.storages import JournalStorage, RDBStorage
-    from optuna.storages.journal import JournalFileBackend
 
     out_dir = Path(out_dir)
     if storage is None:
-        out_dir.mkdir(parents=True, exist_ok=True)
         storage = f"sqlite:///{(out_dir / 'study.db').resolve()}"
+    created: list[Path] = []
     try:
-        if "://" not in storage:
-            path = Path(storage)
-            if path.suffix not in (".journal", ".log", ".jsonl"):
-                raise UserError(f"storage: {storage!r} is neither an Optuna storage URL (sqlite:///file.db, "
-                                "postgresql://...) nor a journal file (*.journal, *.log)")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            st = JournalStorage(JournalFileBackend(str(path)))
-            return StorageInfo(st, str(path), path.with_name(path.stem + ".cache.sqlite"))
-        if storage.startswith("sqlite:///"):
-            db = Path(storage[len("sqlite:///"):])
-            if not db.parent.is_dir():
-                raise UserError(f"storage: cannot open {storage!r}: folder {db.parent} does not exist")
-            cache = db.with_name(db.stem + ".cache.sqlite")
-        else:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            cache = out_dir / "cache.sqlite"
-        from decodetune.tuning.distributed import heartbeat_kwargs
-
-        st = RDBStorage(storage, engine_kwargs=_engine_kwargs(storage), **heartbeat_kwargs(storage))
-        return StorageInfo(st, storage, cache)
-    except UserError:
-        raise
-    except (Exception, optuna.exceptions.OptunaError) as e:  # sqlalchemy, drivers, permissions...
+        return _open_storage(storage, out_dir, created)
+    except BaseException as e:
+        _remove_created(created)
+        if isinstance(e, UserError) or not isinstance(e, Exception | optuna.exceptions.OptunaError):
+            raise
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"storage: cannot open {_redact(storage)!r}: {reason}") from None
+
+
+def _open_storage(storage: str, out_dir: Path, created: list[Path]) -> StorageInfo:
+    """The storage for a URL or journal path; folders it makes are appended to ``created``."""
+    from optuna.storages import JournalStorage, RDBStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    if "://" not in storage:
+        path = Path(storage)
+        if path.suffix not in (".journal", ".log", ".jsonl"):
+            raise UserError(f"storage: {storage!r} is neither an Optuna storage URL (sqlite:///file.db, "
+                            "postgresql://...) nor a journal file (*.journal, *.log)")
+        created += _make_dirs(path.parent)
+        st = JournalStorage(JournalFileBackend(str(path)))
+        return StorageInfo(st, str(path), path.with_name(path.stem + ".cache.sqlite"))
+    db = sqlite_file(storage)
+    if db is not None:
+        created += _make_dirs(db.parent)  # one rule for missing folders: create them
+        cache = db.with_name(db.stem + ".cache.sqlite")
+    else:
+        cache = out_dir / "cache.sqlite"
+    from decodetune.tuning.distributed import heartbeat_kwargs
+
+    st = RDBStorage(storage, engine_kwargs=_engine_kwargs(storage), **heartbeat_kwargs(storage))
+    created += _make_dirs(out_dir)  # only once the storage opened: a bad URL leaves no empty --out
+    return StorageInfo(st, storage, cache)
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URL (None for other URLs and in-memory SQLite)."""
+    if not url.startswith("sqlite:///"):
+        return None
+    path = url[len("sqlite:///"):].split("?", 1)[0]
+    return None if path in ("", ":memory:") else Path(path)
+
+
+def check_storage_exists(storage: str) -> None:
+    """For commands that only read a study (report, status): a missing file storage is an error.
+
+    Opening a missing ``sqlite:///`` file would create an empty database, and then report "0 studies".
+    """
+    db = sqlite_file(storage) if "://" in storage else Path(storage)
+    if db is not None and not db.exists():
+        raise UserError(f"--storage: {db} does not exist")
+
+
+def _make_dirs(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; return the ones created, deepest first."""
+    folder = folder.resolve()
+    missing = [p for p in [folder, *folder.parents] if not p.exists()]
+    blocker = next((p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UserError(f"{folder}: cannot create the folder, {blocker} is a file")
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def _remove_created(folders: list[Path]) -> None:
+    """Remove folders this run created, if they are still empty (why: a failed open leaves nothing)."""
+    for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (a file landed there) or already gone: leave it
+            pass
 
 
 def _engine_kwargs(url: str) -> dict[str, Any]:
