@@ -68,6 +68,15 @@ def test_eval_config_file(capsys, model_dir, engine, tmp_path):
     assert (cfg.top_k, cfg.max_new_tokens) == (3, 12)
 
 
+def test_eval_config_inline_json_as_compare_takes_it(capsys, model_dir, engine):
+    code, _, err = run(capsys, "eval", "-m", model_dir, "-t", "arith", "-n", 2, "--json", "--top-k", 5,
+                       "--config", '{"strategy": "sample", "top_k": 3, "max_new_tokens": 64}')
+    assert code == 0, err
+    cfg = engine.calls[-1]["configs"][0]
+    # the inline fields are explicit (64 beats the task default), and a flag still beats --config
+    assert (cfg.strategy, cfg.top_k, cfg.max_new_tokens) == ("sample", 5, 64)
+
+
 def test_bad_task_files_exit_2_naming_file_and_line(capsys, model_dir, engine, tmp_path):
     missing = tmp_path / "missing_field.jsonl"
     missing.write_text('{"prompt": "a"}\n{"answer": "1"}\n', encoding="utf-8")
