@@ -101,3 +101,20 @@ def test_default_spaces_and_estimator_still_build_beam_configs():
     assert DecodingEstimator(beam_size=3).config().num_beams == 3
     with pytest.raises(ConfigError, match="^num_beams"):
         DecodingEstimator(strategy="beam").config()
+
+
+# ---------------------------------------------------------------- sampler_order must place every sampler used
+def test_partial_sampler_order_omitting_a_used_sampler_is_refused():
+    err = config_error(strategy="sample", temperature=0.7, top_p=0.9, sampler_order=["top_p"])
+    assert err.field == "sampler_order" and "temperature" in str(err)
+    with pytest.raises(ConfigError, match="^sampler_order"):
+        DecodingConfig(strategy="sample", top_p=0.9, sampler_order=["top_p"]).replace(top_k=40)
+
+
+def test_partial_sampler_order_naming_every_used_sampler_is_kept():
+    cfg = DecodingConfig(strategy="sample", temperature=0.7, top_p=0.9, sampler_order=["top_p", "temperature"])
+    assert cfg.full_sampler_order[:2] == ["top_p", "temperature"]
+    only = DecodingConfig(strategy="sample", top_p=0.9, sampler_order=["top_p"])  # the only sampler in use
+    assert sorted(only.full_sampler_order) == sorted(DEFAULT_SAMPLER_ORDER)
+    # a config that does not sample runs no sampler, so its order cannot be ambiguous
+    DecodingConfig(strategy="greedy", temperature=0.7, sampler_order=["top_p"])

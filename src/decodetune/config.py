@@ -36,6 +36,12 @@ class DecodingConfig:
     ``strategy`` is one of greedy | beam | sample | beam_sample. ``temperature=0`` with ``sample``
     is greedy decoding (the limit of softmax(logits / T) as T -> 0). ``beam`` and ``beam_sample`` need
     ``num_beams >= 2``; the other strategies take ``num_beams = 1``.
+
+    ``sampler_order`` is the order in which the distribution samplers run (default
+    :data:`DEFAULT_SAMPLER_ORDER`, transformers' order; empty means the default). It may name only some
+    samplers, but then it must name every sampler the config uses (set away from its neutral value):
+    ``["top_p"]`` with ``temperature=0.7`` is refused rather than guessing whether temperature goes before
+    or after top_p. The unnamed samplers are neutral, so where they run (after the named ones) changes nothing.
     """
 
     strategy: str = "greedy"
@@ -136,14 +142,30 @@ class DecodingConfig:
         # by identity: 1 == True, and the beam search tests ``early_stopping is True``
         if not (self.early_stopping is True or self.early_stopping is False or self.early_stopping == "never"):
             raise ConfigError("early_stopping", f"must be true, false or 'never', got {self.early_stopping!r}")
+        self._check_sampler_order()
+        if self.seed is not None and self.seed < 0:
+            raise ConfigError("seed", f"must be >= 0, got {self.seed}")
+
+    def _check_sampler_order(self) -> None:
+        """Known names, each once; and a partial order must name every sampler the config uses.
+
+        Where an omitted sampler that is in use should go is a guess (before the named ones? after?),
+        so it is refused; omitted samplers at their neutral value do nothing wherever they sit.
+        """
         unknown = [s for s in self.sampler_order if s not in DEFAULT_SAMPLER_ORDER]
         if unknown:
             known = ", ".join(DEFAULT_SAMPLER_ORDER)
             raise ConfigError("sampler_order", f"unknown sampler {unknown[0]!r}; known: {known}")
         if len(set(self.sampler_order)) != len(self.sampler_order):
             raise ConfigError("sampler_order", "lists a sampler twice")
-        if self.seed is not None and self.seed < 0:
-            raise ConfigError("seed", f"must be >= 0, got {self.seed}")
+        if not self.sampler_order or not self.is_sampling:
+            return
+        unplaced = [s for s in DEFAULT_SAMPLER_ORDER if s not in self.sampler_order and _is_set(self, s)]
+        if unplaced:
+            raise ConfigError("sampler_order", (
+                f"names {', '.join(self.sampler_order)} but not {unplaced[0]}={getattr(self, unplaced[0])!r}, "
+                f"which is in use; name every sampler in use (e.g. "
+                f"{','.join(self.sampler_order + unplaced)}), or none for the default order"))
 
     # ------------------------------------------------------------------ derived views
     @property
@@ -158,7 +180,8 @@ class DecodingConfig:
 
     @property
     def full_sampler_order(self) -> list[str]:
-        """``sampler_order`` with any omitted samplers appended in the default order."""
+        """``sampler_order`` with the omitted samplers (all neutral, see the class doc) appended in the default
+        order; the default order when ``sampler_order`` is empty."""
         return list(self.sampler_order) + [s for s in DEFAULT_SAMPLER_ORDER if s not in self.sampler_order]
 
     def replace(self, **changes: Any) -> DecodingConfig:
@@ -254,6 +277,11 @@ class DecodingConfig:
         return to_openai(self, strict=strict)
 
 
+def _is_set(cfg: DecodingConfig, name: str) -> bool:
+    """Whether a field differs from its default (for the samplers: whether it is in use)."""
+    return getattr(cfg, name) != _DEFAULTS[name]
+
+
 def _field_kwargs(data: dict[str, Any], source: str) -> dict[str, Any]:
     """``data`` keyed by field names: aliases resolved, unknown keys and a field given twice refused."""
     names = [f.name for f in dataclasses.fields(DecodingConfig)]
@@ -301,3 +329,9 @@ def _as_float(name: str, v: Any) -> float:
         # no float field has a meaning at infinity, and inf * 0 or inf / inf turn logits into NaN
         raise ConfigError(name, f"must be a finite number, got {f}")
     return f
+
+
+#: Default value of every field (the samplers' defaults are their neutral values).
+_DEFAULTS: dict[str, Any] = {
+    f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    for f in dataclasses.fields(DecodingConfig)}
