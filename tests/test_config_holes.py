@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from conftest import build_tiny_model
 from decodetune.cli.options import build_config
 from decodetune.config import DEFAULT_SAMPLER_ORDER, DecodingConfig
 from decodetune.decoding import sampler as S
@@ -16,8 +17,6 @@ from decodetune.decoding.runner import ModelRunner
 from decodetune.errors import ConfigError
 from decodetune.tuning.estimator import DecodingEstimator
 from decodetune.tuning.space import default_space
-
-from conftest import build_tiny_model
 
 
 def config_error(**kwargs) -> ConfigError:
@@ -118,3 +117,23 @@ def test_partial_sampler_order_naming_every_used_sampler_is_kept():
     assert sorted(only.full_sampler_order) == sorted(DEFAULT_SAMPLER_ORDER)
     # a config that does not sample runs no sampler, so its order cannot be ambiguous
     DecodingConfig(strategy="greedy", temperature=0.7, sampler_order=["top_p"])
+
+
+# ---------------------------------------------------------------- beam_sample without an EOS id
+def test_beam_sample_keeps_two_candidates_per_beam_without_eos():
+    """transformers keeps min_tokens_to_keep = 2 when there is no EOS; top_k = 1 must not leave one token.
+
+    With one token per beam, the second beam is a copy of the first scored -1e9 (transformers' "never"):
+    its hypothesis is returned with a score near -1e9 / length.
+    """
+    model = build_tiny_model(64, seed=3)
+    cfg = DecodingConfig(strategy="beam_sample", num_beams=2, num_return_sequences=2, temperature=1.0, top_k=1,
+                         max_new_tokens=4)
+    runner = ModelRunner(model)
+    with torch.inference_mode():
+        results, _ = beam_search(runner, [BeamRequest(0, [5, 6, 7], cfg, seed=1)], pad_token_id=0,
+                                 eos_token_ids=[], decode=lambda ids: " ".join(map(str, ids)))
+    hyps = results[0]
+    assert len(hyps) == 2
+    assert all(h.score > -1e6 for h in hyps), [h.score for h in hyps]
+    assert hyps[0].token_ids != hyps[1].token_ids

@@ -4,7 +4,8 @@ The algorithm is transformers' (``GenerationMixin._beam_search``, >= 4.50) step 
 token-identical to ``model.generate(num_beams=...)``:
 
 * scores are log-softmax of the model logits, then the processors (penalties, n-grams, min_new_tokens)
-  and, for ``beam_sample``, the distribution samplers (with ``min_keep = #EOS + 1``);
+  and, for ``beam_sample``, the distribution samplers (with ``min_keep = max(2, #EOS + 1)``, so that a
+  non-EOS continuation survives, and 2 candidates per beam without any EOS id);
 * each step keeps ``max(2, 1 + #EOS) * num_beams`` candidates over all beams of a prompt: the best ones
   (``beam``) or a sample without replacement from ``softmax(beam scores)`` (``beam_sample``; drawn as the
   top-k of ``probs / Exponential(1)`` noise, which has the same law as sequential multinomial draws);
@@ -71,7 +72,9 @@ def beam_search(runner: ModelRunner, requests: Sequence[BeamRequest], *, pad_tok
     assert all(r.config.num_beams == num_beams and r.config.is_sampling == do_sample for r in requests)
     n_prompts, k = len(requests), num_beams
     eos_set = set(eos_token_ids)
-    n_keep = max(2, 1 + len(eos_set)) * k
+    # transformers keeps #EOS + 1 tokens per beam, and 2 when the model has no EOS id
+    min_keep = max(2, 1 + len(eos_set))
+    n_keep = min_keep * k
     max_new = [r.config.max_new_tokens for r in requests]
     horizon = max(max_new)
     stops = [StopStrings(r.config.stop) for r in requests]
@@ -111,7 +114,7 @@ def beam_search(runner: ModelRunner, requests: Sequence[BeamRequest], *, pad_tok
         logp = logits.log_softmax(dim=1)
         scores = apply_processors(logp, state)
         if do_sample:
-            scores = apply_samplers(scores, params, min_keep=len(eos_set) + 1)
+            scores = apply_samplers(scores, params, min_keep=min_keep)
         acc = (scores.view(p, k, vocab) + run_score.unsqueeze(2)).view(p, k * vocab)
         if do_sample:
             keys = acc.softmax(dim=1) / exponential_noise((p, k * vocab), gens, device)

@@ -5,7 +5,8 @@ per row: ``temperature`` (``logits / T``), ``top_k`` (ties with the k-th score a
 smallest set of most likely tokens with mass >= p), ``min_p`` (keep p >= min_p * p_max), ``typical_p``
 (locally typical sampling), ``epsilon_cutoff`` (keep p >= epsilon) and ``eta_cutoff`` (keep
 p >= min(eta, sqrt(eta) * exp(-entropy)), Hewitt et al. 2022). Truncations never keep fewer than
-``min_keep`` tokens (1 for sampling; number of EOS ids + 1 for stochastic beam search, as transformers).
+``min_keep`` tokens (1 for sampling; for stochastic beam search, as transformers, the number of EOS ids + 1,
+and 2 without any EOS id).
 
 Rows run the stages in their own ``full_sampler_order``; rows with different orders in one batch are
 grouped by order. A stage whose parameter is neutral on every row is skipped.
