@@ -137,3 +137,26 @@ def test_beam_sample_keeps_two_candidates_per_beam_without_eos():
     assert len(hyps) == 2
     assert all(h.score > -1e6 for h in hyps), [h.score for h in hyps]
     assert hyps[0].token_ids != hyps[1].token_ids
+
+
+# ---------------------------------------------------------------- fields the strategy ignores
+def test_ignored_fields_by_strategy():
+    assert DecodingConfig(strategy="greedy", temperature=0.7, top_k=5).ignored_fields() == ["temperature", "top_k"]
+    assert DecodingConfig(strategy="sample", temperature=0.7, length_penalty=0.5).ignored_fields() == [
+        "length_penalty"]
+    assert DecodingConfig(strategy="sample", temperature=0.0, top_p=0.5, seed=3).ignored_fields() == [
+        "top_p", "seed"]
+    assert DecodingConfig(strategy="beam", num_beams=2, seed=1, early_stopping=True).ignored_fields() == ["seed"]
+    assert DecodingConfig(strategy="sample", temperature=0.7, top_p=0.9, seed=1).ignored_fields() == []
+    assert DecodingConfig().ignored_fields() == []
+
+
+def test_build_config_warns_once_per_ignored_flag_on_stderr(capsys):
+    cfg = build_config({"__file__": None, "strategy": "greedy", "temperature": 0.7})
+    assert cfg.temperature == 0.7
+    err = capsys.readouterr().err
+    assert err == "warning: temperature is ignored by strategy greedy\n"
+    build_config({"__file__": None, "strategy": "sample", "temperature": 0.0, "top_p": 0.5})
+    assert capsys.readouterr().err == "warning: top_p is ignored by strategy sample at temperature 0\n"
+    build_config({"__file__": None, "strategy": "sample", "temperature": 0.7})
+    assert capsys.readouterr().err == ""

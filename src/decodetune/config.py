@@ -184,6 +184,29 @@ class DecodingConfig:
         order; the default order when ``sampler_order`` is empty."""
         return list(self.sampler_order) + [s for s in DEFAULT_SAMPLER_ORDER if s not in self.sampler_order]
 
+    def ignored_fields(self) -> list[str]:
+        """Fields set away from their default that this config never reads, in field order.
+
+        A config that does not sample (greedy, beam, or sampling at temperature 0) reads no sampler
+        field, ``sampler_order`` or ``seed`` (temperature 0 itself is read: it is what makes it greedy);
+        only the beam strategies read ``length_penalty`` and ``early_stopping``.
+        """
+        unread: set[str] = set()
+        if not self.is_sampling:
+            unread |= {*DEFAULT_SAMPLER_ORDER, "sampler_order", "seed"}
+            if self.strategy in ("sample", "beam_sample"):
+                unread.discard("temperature")
+        if not self.is_beam:
+            unread |= {"length_penalty", "early_stopping"}
+        return [f.name for f in dataclasses.fields(self) if f.name in unread and _is_set(self, f.name)]
+
+    def ignored_field_warnings(self) -> list[str]:
+        """One line per :meth:`ignored_fields` entry, e.g. ``temperature is ignored by strategy greedy``."""
+        who = f"strategy {self.strategy}"
+        if self.strategy in ("sample", "beam_sample") and not self.is_sampling:
+            who += " at temperature 0"
+        return [f"{name} is ignored by {who}" for name in self.ignored_fields()]
+
     def replace(self, **changes: Any) -> DecodingConfig:
         """A validated copy with some fields changed (aliases accepted)."""
         d = self.to_dict()

@@ -93,14 +93,21 @@ def config_options(func: Any) -> Any:
 
 
 def build_config(config_flags: dict[str, Any]) -> DecodingConfig:
-    """Merge flags over the ``--config`` file (if any) into a validated DecodingConfig."""
+    """Merge flags over the ``--config`` file (if any) into a validated DecodingConfig.
+
+    Prints ``warning: <field> is ignored by strategy <s>`` on stderr for each set field the strategy
+    never reads (``--strategy greedy --temperature 0.7``): valid, but probably not what was meant.
+    """
     flags = dict(config_flags)
     path = flags.pop("__file__", None)
     base = DecodingConfig.load(path).to_dict() if path else {}
     if "early_stopping" in flags:
         flags["early_stopping"] = _parse_early_stopping(flags["early_stopping"])
     base.update(flags)
-    return DecodingConfig.from_dict(base, source=str(path) if path else "flags")
+    config = DecodingConfig.from_dict(base, source=str(path) if path else "flags")
+    for line in config.ignored_field_warnings():
+        typer.echo(f"warning: {line}", err=True)
+    return config
 
 
 def _parse_early_stopping(value: str) -> bool | str:
