@@ -51,15 +51,19 @@ class BackendOptions:
     timeout_s: float = 120.0
     max_retries: int = 4
     endpoint: str = "auto"  # openai: auto | chat | completions
-    n_ctx: int = 4096
+    n_ctx: int = 2048  # llamacpp: context per sequence slot
     n_threads: int | None = None
-    n_seq_max: int = 16  # llamacpp: sequences decoded together per llama_decode batch
+    n_seq_max: int = 8  # llamacpp: sequence slots decoded together per llama_decode
 
     def __post_init__(self) -> None:
         if self.name not in BACKENDS:
             raise UserError(f"--backend: unknown backend {self.name!r}; choose one of {', '.join(BACKENDS)}")
         if self.concurrency < 1:
             raise UserError(f"--concurrency: must be >= 1, got {self.concurrency}")
+        if self.n_ctx < 16:
+            raise UserError(f"--n-ctx: must be >= 16, got {self.n_ctx}")
+        if self.n_seq_max < 1:
+            raise UserError(f"--parallel: must be >= 1, got {self.n_seq_max}")
         if self.timeout_s <= 0:
             raise UserError(f"--request-timeout: must be > 0, got {self.timeout_s}")
         if self.endpoint not in ("auto", "chat", "completions"):

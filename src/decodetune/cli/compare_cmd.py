@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 import typer
 
+from decodetune.cli.backend_options import backend_options, engine_for
 from decodetune.cli.eval_cmd import ARROW, check_common, check_outputs, fmt
 from decodetune.errors import UserError
 
@@ -45,6 +46,7 @@ def parse_config_arg(value: str) -> tuple[str, dict[str, Any]]:
     return Path(value).stem, data
 
 
+@backend_options
 def compare_command(
     task: str = typer.Option(..., "--task", "-t", help="builtin task name or a .jsonl/.csv file"),
     config: list[str] = typer.Option(..., "--config", "-c", help="config file or inline JSON (repeat; the first is the baseline)"),  # noqa: E501
@@ -61,6 +63,8 @@ def compare_command(
     bootstrap: int = typer.Option(1000, "--bootstrap", help="bootstrap resamples (0 = no CIs)"),
     alpha: float = typer.Option(0.05, "--alpha", help="significance level for the verdict column"),
     as_json: bool = typer.Option(False, "--json", help="print machine-readable JSON"),
+    *,
+    backend: Any,
 ) -> None:
     """Is B really better than A? Same items, same seeds, paired differences with a paired test."""
     check_common(repeats, limit, batch_size, bootstrap)
@@ -73,7 +77,7 @@ def compare_command(
     labels = [lab for lab, _ in parsed]
     from decodetune.eval import compare
 
-    cmp = compare(model, task, [d for _, d in parsed], split=split, repeats=repeats, limit=limit,
+    cmp = compare(engine_for(model, backend), task, [d for _, d in parsed], split=split, repeats=repeats, limit=limit,
                   metrics=metric or None, seed=seed, batch_size=batch_size, cache=cache, scorer=scorer,
                   bootstrap=bootstrap, output=output, progress=not as_json)
     if output is not None:

@@ -11,10 +11,11 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
+from decodetune.cli.backend_options import backend_options, with_model_flags
 from decodetune.errors import UserError
 
 #: Compact space: the three strategies and the knobs that matter most for short answers.
@@ -28,6 +29,7 @@ DEMO_SPACE = {
 }
 
 
+@backend_options
 def demo_command(
     out: Path = typer.Option(Path("decodetune-demo"), "--out", help="folder for the study and report"),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="model to tune"),
@@ -38,6 +40,8 @@ def demo_command(
     seed: int = typer.Option(0, "--seed", help="sampler and row seed"),
     space: Optional[Path] = typer.Option(None, "--space", help="search space YAML (default: a compact one)"),  # noqa: UP045
     threads: int = typer.Option(0, "--threads", help="torch CPU threads (0: the idle cores, at least 1)"),
+    *,
+    backend: Any,
 ) -> None:
     """Tune the embedded model on a builtin task, compare with greedy on the test split, write a report."""
     from decodetune.cli.tune_cmd import run_tune
@@ -57,10 +61,12 @@ def demo_command(
     n_threads = set_threads(threads)
     print(f"decodetune demo: TPE search over greedy / beam / sampling for {model} on task {task} "
           f"({trials} trials, {limit} dev + {limit} test items, {n_threads} CPU thread(s))", file=sys.stderr)
-    result = run_tune(task=task, model=model, search="tpe", trials=trials, space=space or _space_file(out),
+    options = with_model_flags(backend, threads=n_threads)
+    result = run_tune(task=task, model=model, search="tpe", trials=trials,
+                      space=space or _space_file(out, options.name),
                       objective=None, storage=None, study_name=f"demo-{task}", timeout=timeout,
                       budget_tokens=None, repeats=1, seed=seed, limit=limit, out=out, batch_trials=4,
-                      prune=True, test=True, report=True)
+                      prune=True, test=True, report=True, backend=options)
     _verdict(result)
     print(f"demo finished in {time.monotonic() - t0:.0f} s; open {Path(out) / 'report.html'}", file=sys.stderr)
 
@@ -87,14 +93,16 @@ def set_threads(threads: int) -> int:
     return threads
 
 
-def _space_file(out: Path) -> Path:
+def _space_file(out: Path, backend: str) -> Path:
     import yaml
 
+    from decodetune.backends.capabilities import static_capabilities
     from decodetune.io import atomic_write
+    from decodetune.tuning.space import restrict_spec
 
     path = Path(out) / "demo_space.yaml"
-    with atomic_write(path) as f:
-        f.write(yaml.safe_dump(DEMO_SPACE, sort_keys=False))
+    with atomic_write(path) as f:  # what this backend can run: no beams on llama.cpp or a server
+        f.write(yaml.safe_dump(restrict_spec(DEMO_SPACE, static_capabilities(backend)), sort_keys=False))
     return path
 
 

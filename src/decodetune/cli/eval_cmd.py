@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 import typer
 
+from decodetune.cli.backend_options import backend_options, engine_for
 from decodetune.cli.options import build_config, config_options
 from decodetune.errors import UserError
 
@@ -103,6 +104,7 @@ def result_table(result: Any, title: str) -> Any:
 
 
 @config_options
+@backend_options
 def eval_command(
     task: str = typer.Option(..., "--task", "-t", help="builtin task name or a .jsonl/.csv file"),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="builtin name, HF folder, .gguf or hub id"),
@@ -121,6 +123,7 @@ def eval_command(
     augment_n: int = typer.Option(1, "--augment-n", help="variants per item and op (with --augment)"),
     *,
     config_flags: dict[str, Any],
+    backend: Any,
 ) -> None:
     """Evaluate one decoding config on a task: each metric's mean and 95% bootstrap CI."""
     check_common(repeats, limit, batch_size, bootstrap)
@@ -132,7 +135,8 @@ def eval_command(
         parse_ops(augment)
     from decodetune.eval import evaluate
 
-    result = evaluate(model, task, config, split=split, repeats=repeats, limit=limit, metrics=metric or None,
+    engine = engine_for(model, backend)
+    result = evaluate(engine, task, config, split=split, repeats=repeats, limit=limit, metrics=metric or None,
                       batch_size=batch_size, cache=cache, scorer=scorer, bootstrap=bootstrap,
                       output=output, progress=not as_json)
     if output is not None:
@@ -142,7 +146,7 @@ def eval_command(
         from decodetune.train.augment import augment_task, paired_robustness
 
         aug_task = augment_task(task, augment, n=augment_n, split=split, limit=limit, model=model)
-        aug_result = evaluate(model, aug_task, config, split="all", repeats=repeats, metrics=metric or None,
+        aug_result = evaluate(engine, aug_task, config, split="all", repeats=repeats, metrics=metric or None,
                               batch_size=batch_size, cache=cache, scorer=scorer, bootstrap=0, progress=not as_json)
         robust = paired_robustness(result, aug_result, aug_task, bootstrap=bootstrap).to_dict()
     if as_json:
@@ -151,7 +155,7 @@ def eval_command(
     from rich.console import Console
 
     console = Console(width=120)
-    title = (f"{result.task} \\[{result.split}] · {result.model} · {len(result.item_ids)} items"
+    title = (f"{result.task} \\[{result.split}] · {result.model} ({result.backend}) · {len(result.item_ids)} items"
              + (f" x {result.repeats} repeats" if result.repeats > 1 else ""))
     console.print(result_table(result, title))
     console.print(f"config: {json.dumps(result.config.to_dict(only_set=True))}")

@@ -9,11 +9,13 @@ from typing import Any, Optional
 
 import typer
 
+from decodetune.cli.backend_options import backend_options, with_model_flags
 from decodetune.cli.options import build_config, config_options
 from decodetune.errors import UserError
 
 
 @config_options
+@backend_options
 def generate_command(
     prompt: Optional[list[str]] = typer.Option(None, "--prompt", "-p", help="prompt text (repeatable)"),  # noqa: UP045
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="builtin name, HF folder, .gguf or hub id"),
@@ -26,6 +28,7 @@ def generate_command(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="rows per forward batch"),  # noqa: UP045
     *,
     config_flags: dict[str, Any],
+    backend: Any,
 ) -> None:
     """Generate text for prompts with any decoding strategy."""
     from decodetune.cli.eval_cmd import inline_config
@@ -39,20 +42,24 @@ def generate_command(
     if batch_size is not None and batch_size < 1:
         raise UserError(f"--batch-size: must be >= 1, got {batch_size}")
 
-    from decodetune.models import load_model
+    from decodetune.backends import Request, check_config, open_backend
+    from decodetune.backends.capabilities import static_capabilities
 
-    lm = load_model(model, trust_remote_code=trust_remote_code, raw=raw)
-    from decodetune.decoding import generate
-
+    options = with_model_flags(backend, raw=raw, trust_remote_code=trust_remote_code)
+    _check_static(config, options.name, static_capabilities(options.name))  # before the model loads
+    engine = open_backend(model, options)
+    check_config(config, engine)
+    if logprobs and not engine.capabilities().logprobs:
+        raise UserError(f"--logprobs: backend {engine.name!r} does not return logprobs")
     prompts = [r["messages"] if "messages" in r else r["prompt"] for r in rows]
-    gens = generate(lm, prompts, config, logprobs=logprobs, batch_size=batch_size,
-                    progress=len(prompts) > 4 or config.max_new_tokens > 128)
+    gens = engine.generate([Request(p, config, config.seed) for p in prompts], logprobs=logprobs,
+                           batch_size=batch_size, progress=len(prompts) > 4 or config.max_new_tokens > 128)
     records = []
     for g in gens:
         row = rows[g.prompt_index]
         rec: dict[str, Any] = {"id": row.get("id", g.prompt_index), "sequence_index": g.sequence_index,
                                "text": g.text, "finish_reason": g.finish_reason,
-                               "num_tokens": len(g.token_ids), "token_ids": g.token_ids}
+                               "num_tokens": g.num_tokens, "token_ids": g.token_ids}
         if logprobs:
             rec["logprobs"] = g.logprobs
         rec["timings"] = g.timings
@@ -70,6 +77,15 @@ def generate_command(
             if len(records) > 1:
                 print(f"--- {rec['id']} [{rec['finish_reason']}, {rec['num_tokens']} tokens]")
             print(rec["text"])
+
+
+def _check_static(config: Any, name: str, caps: Any) -> None:
+    from decodetune.backends import unsupported
+
+    problems = unsupported(config, caps)
+    if problems:
+        field, why = problems[0]
+        raise UserError(f"config: {field}: backend {name!r} cannot run this config ({why})")
 
 
 def _read_prompts(prompt: list[str] | None, input_path: Path | None) -> list[dict[str, Any]]:

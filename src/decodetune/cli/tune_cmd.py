@@ -5,15 +5,17 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
+from decodetune.cli.backend_options import backend_options, with_model_flags
 from decodetune.errors import UserError
 
 SEARCH_HELP = "grid | random | tpe | gp | cmaes | nsga2"
 
 
+@backend_options
 def tune_command(
     task: str = typer.Option(..., "--task", "-t", help="builtin task name or a .jsonl/.csv file"),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="builtin name, HF folder, .gguf or hub id"),
@@ -44,6 +46,8 @@ def tune_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar or tables"),
     threads: Optional[int] = typer.Option(  # noqa: UP045
         None, "--threads", help="torch CPU threads (0: the idle cores; default: torch's)"),
+    *,
+    backend: Any,
 ) -> None:
     """Tune decoding hyperparameters; re-running the same command continues the study."""
     if threads is not None:
@@ -53,14 +57,15 @@ def tune_command(
     run_tune(task=task, model=model, search=search, trials=trials, space=space, objective=objective,
              storage=storage, study_name=study_name, timeout=timeout, budget_tokens=budget_tokens,
              repeats=repeats, seed=seed, limit=limit, out=out, batch_trials=batch_trials, prune=prune,
-             test=test, report=report, raw=raw, trust_remote_code=trust_remote_code, quiet=quiet)
+             test=test, report=report, raw=raw, trust_remote_code=trust_remote_code, quiet=quiet,
+             backend=with_model_flags(backend, raw=raw, trust_remote_code=trust_remote_code, threads=threads))
 
 
 def run_tune(*, task: str, model: str, search: str, trials: int, space: Path | None, objective: list[str] | None,
              storage: str | None, study_name: str | None, timeout: float | None, budget_tokens: int | None,
              repeats: int, seed: int, limit: int | None, out: Path, batch_trials: int | None, prune: bool,
              test: bool, report: bool, raw: bool = False, trust_remote_code: bool = False,
-             quiet: bool = False, per_worker: bool = False) -> object:
+             quiet: bool = False, per_worker: bool = False, backend: Any = None) -> object:
     """Shared by ``tune`` and ``demo``: run, print the summary, write the report."""
     from rich.console import Console
 
@@ -90,7 +95,7 @@ def run_tune(*, task: str, model: str, search: str, trials: int, space: Path | N
                       seed=seed, limit=limit, out_dir=out, batch_trials=batch_trials, prune=prune,
                       final_test=test, progress=not quiet and sys.stderr.isatty(), console=console,
                       model_options={"raw": raw, "trust_remote_code": trust_remote_code},
-                      per_worker=per_worker)
+                      per_worker=per_worker, backend=backend)
     except KeyboardInterrupt:
         print("interrupted: in-flight trials were marked failed; re-run the same command to continue",
               file=sys.stderr)

