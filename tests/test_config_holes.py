@@ -27,17 +27,74 @@ def config_error(**kwargs) -> ConfigError:
     return e.value
 
 
-# ---------------------------------------------------------------- None in int fields
-@pytest.mark.parametrize("name", ["max_new_tokens", "min_new_tokens", "top_k", "no_repeat_ngram_size",
-                                  "num_beams", "num_return_sequences"])
-def test_int_field_none_is_a_config_error(name):
-    assert config_error(**{name: None}).field == name
+# ---------------------------------------------------------------- beams need num_beams >= 2
+@pytest.mark.parametrize("strategy", ["beam", "beam_sample"])
+def test_beam_strategies_with_one_beam_are_refused(strategy):
+    err = config_error(strategy=strategy, num_beams=1, temperature=0.7)
+    assert err.field == "num_beams" and ">= 2" in str(err)
+    assert config_error(strategy=strategy).field == "num_beams"  # the default num_beams is 1
+    assert config_error(strategy=strategy, num_beams=0).field == "num_beams"
 
 
-def test_seed_none_stays_valid_and_big_seeds_stay_exact():
-    assert DecodingConfig(seed=None).seed is None
-    assert DecodingConfig(seed=2**62 + 1).seed == 2**62 + 1  # not rounded through a float
-    assert config_error(sampler_order=None).field == "sampler_order"
+def test_default_spaces_and_estimator_still_build_beam_configs():
+    for grid in (True, False):
+        space = default_space(grid=grid)
+        cfg = space.config({"strategy": "beam"})
+        assert cfg.num_beams >= 2
+    grid_space = default_space(grid=True)
+    for point in grid_space.grid():
+        grid_space.config(point)  # every point of the default grid is a valid config
+    assert DecodingEstimator(beam_size=1).config().strategy == "greedy"
+    assert DecodingEstimator(beam_size=1, temperature=0.5).config().strategy == "sample"
+    assert DecodingEstimator(beam_size=3).config().num_beams == 3
+    with pytest.raises(ConfigError, match="^num_beams"):
+        DecodingEstimator(strategy="beam").config()
+
+
+# ---------------------------------------------------------------- top-p: same kept set whatever the batch
+def boundary_rows(vocab: int = 4096, seeds: range = range(6)) -> list[tuple[torch.Tensor, float]]:
+    """Peaked rows, each with a top_p equal to the float32 mass of its m most likely tokens (ties at p)."""
+    cases = []
+    for seed in seeds:
+        g = torch.Generator().manual_seed(seed)
+        logits = torch.randn(1, vocab, generator=g)
+        logits[0, :8] += torch.tensor([9.0, 8.5, 8.0, 7.5, 7.0, 6.5, 6.0, 5.5])
+        mass = logits.softmax(dim=1).sort(dim=1, descending=True).values.cumsum(dim=1)
+        cases += [(logits, float(mass[0, m - 1])) for m in range(2, 8)]
+    return cases
+
+
+def sampling_rows(**per_row: list) -> RowParams:
+    n = len(next(iter(per_row.values())))
+    return RowParams.from_configs(
+        [DecodingConfig(strategy="sample", **{k: v[i] for k, v in per_row.items()}) for i in range(n)], "cpu")
+
+
+@pytest.mark.parametrize("min_keep", [1, 2])
+def test_top_p_row_keeps_the_same_set_alone_or_batched(min_keep):
+    flat = torch.zeros(1, 4096)  # its top 256 hold 6% of the mass: it needs a full sort
+    mismatches = 0
+    for logits, p in boundary_rows():
+        alone = S.top_p(logits, sampling_rows(top_p=[p]), min_keep)
+        batch = torch.cat([flat, logits, flat * 0.5])
+        batched = S.top_p(batch, sampling_rows(top_p=[0.9, p, 0.5]), min_keep)[1:2]
+        full_sort = S._top_p_keep(logits.softmax(dim=1), sampling_rows(top_p=[p]), min_keep, depths=())
+        mismatches += not torch.equal(alone, batched)
+        mismatches += not torch.equal(alone, logits.masked_fill(~full_sort, -math.inf))
+    assert mismatches == 0
+
+
+def test_top_p_row_draws_the_same_tokens_alone_or_batched():
+    flat = torch.zeros(1, 4096)
+    for logits, p in boundary_rows(seeds=range(3)):
+        alone_rows = sampling_rows(top_p=[p])
+        alone = S.apply_samplers(logits, alone_rows).softmax(dim=1)
+        batch_rows = sampling_rows(top_p=[p, 0.95], temperature=[1.0, 1.3], min_p=[0.0, 0.01])
+        batched = S.apply_samplers(torch.cat([logits, flat]), batch_rows).softmax(dim=1)[:1]
+        assert torch.equal(alone, batched)
+        gens = [S.make_generator(7, torch.device("cpu")) for _ in range(2)]
+        for _ in range(20):
+            assert torch.equal(S.draw(alone, gens[:1]), S.draw(batched, gens[1:]))
 
 
 # ---------------------------------------------------------------- early_stopping: bools by identity
@@ -66,6 +123,19 @@ def test_penalties_accept_vllm_range():
     assert (cfg.presence_penalty, cfg.frequency_penalty) == (-2.0, 2.0)
 
 
+# ---------------------------------------------------------------- None in int fields
+@pytest.mark.parametrize("name", ["max_new_tokens", "min_new_tokens", "top_k", "no_repeat_ngram_size",
+                                  "num_beams", "num_return_sequences"])
+def test_int_field_none_is_a_config_error(name):
+    assert config_error(**{name: None}).field == name
+
+
+def test_seed_none_stays_valid_and_big_seeds_stay_exact():
+    assert DecodingConfig(seed=None).seed is None
+    assert DecodingConfig(seed=2**62 + 1).seed == 2**62 + 1  # not rounded through a float
+    assert config_error(sampler_order=None).field == "sampler_order"
+
+
 # ---------------------------------------------------------------- replace() with the alias
 def test_replace_accepts_the_beam_size_alias():
     base = DecodingConfig(strategy="beam", num_beams=2)
@@ -76,30 +146,6 @@ def test_replace_accepts_the_beam_size_alias():
     with pytest.raises(ConfigError) as e:
         base.replace(beam_width=4)
     assert e.value.field == "beam_width"
-
-
-# ---------------------------------------------------------------- beams need num_beams >= 2
-@pytest.mark.parametrize("strategy", ["beam", "beam_sample"])
-def test_beam_strategies_with_one_beam_are_refused(strategy):
-    err = config_error(strategy=strategy, num_beams=1, temperature=0.7)
-    assert err.field == "num_beams" and ">= 2" in str(err)
-    assert config_error(strategy=strategy).field == "num_beams"  # the default num_beams is 1
-    assert config_error(strategy=strategy, num_beams=0).field == "num_beams"
-
-
-def test_default_spaces_and_estimator_still_build_beam_configs():
-    for grid in (True, False):
-        space = default_space(grid=grid)
-        cfg = space.config({"strategy": "beam"})
-        assert cfg.num_beams >= 2
-    grid_space = default_space(grid=True)
-    for point in grid_space.grid():
-        grid_space.config(point)  # every point of the default grid is a valid config
-    assert DecodingEstimator(beam_size=1).config().strategy == "greedy"
-    assert DecodingEstimator(beam_size=1, temperature=0.5).config().strategy == "sample"
-    assert DecodingEstimator(beam_size=3).config().num_beams == 3
-    with pytest.raises(ConfigError, match="^num_beams"):
-        DecodingEstimator(strategy="beam").config()
 
 
 # ---------------------------------------------------------------- sampler_order must place every sampler used

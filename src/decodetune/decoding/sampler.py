@@ -51,37 +51,57 @@ def top_k(logits: torch.Tensor, rows: RowParams, min_keep: int) -> torch.Tensor:
     return logits.masked_fill(logits < kth, NEG_INF)
 
 
+#: How deep top-p ranks a row before falling back to a full sort: a row whose ``k`` most likely tokens
+#: already hold mass >= p drops everything below them, so only those ``k`` need ranking (~8-40x cheaper).
+TOP_P_DEPTHS = (256, 2048)
+
+
 def top_p(logits: torch.Tensor, rows: RowParams, min_keep: int) -> torch.Tensor:
-    """Nucleus: drop the least likely tokens whose cumulative mass is <= 1 - p (transformers' rule).
+    """Nucleus: keep a token iff the mass of the tokens ranked above it is < p (transformers' rule).
 
-    That rule keeps a token iff the mass of the tokens ranked above it is < p. So when the ``k`` most likely
-    tokens of every row already hold mass >= p, everything below them goes and only those ``k`` need
-    ranking: a partial top-k (k = 256, then 2048) instead of a full vocabulary sort, ~8-40x cheaper.
+    Each row is ranked only as deep as it needs (see :data:`TOP_P_DEPTHS`), decided from that row
+    alone, and every depth applies the rule to the same float32 prefix sums of the row's ranked
+    probabilities; so a row keeps the same set whatever else is in the batch.
     """
-    p = rows.tensor("top_p").unsqueeze(1)
     vocab = logits.shape[1]
-    probs = logits.softmax(dim=1)
-    k = 256
-    while k * 4 < vocab:
-        top, idx = torch.topk(probs, k, dim=1)
-        if bool(((top.sum(dim=1, keepdim=True) >= p) | (p >= 1)).all()):
-            keep = (top.cumsum(dim=1) - top) < p
-            keep[:, :min_keep] = True
-            out = torch.full_like(logits, NEG_INF).scatter_(
-                1, idx, torch.where(keep, logits.gather(1, idx), NEG_INF))
-            return torch.where(p >= 1, logits, out)
-        k *= 8
-    return _top_p_sorted(logits, rows, min_keep)
+    depths = [k for k in TOP_P_DEPTHS if min_keep <= k and k * 4 < vocab]
+    return logits.masked_fill(~_top_p_keep(logits.softmax(dim=1), rows, min_keep, depths), NEG_INF)
 
 
-def _top_p_sorted(logits: torch.Tensor, rows: RowParams, min_keep: int) -> torch.Tensor:
-    """transformers' implementation over a full sort (small vocabularies, flat distributions)."""
-    sorted_logits, sorted_idx = torch.sort(logits, dim=1, descending=False)
-    cumulative = sorted_logits.softmax(dim=1).cumsum(dim=1)
-    remove = cumulative <= (1 - rows.tensor("top_p")).unsqueeze(1)
-    remove[:, -min_keep:] = False
-    remove &= (rows.tensor("top_p") < 1).unsqueeze(1)  # p = 1 is off, even where float sums stay below 1
-    return logits.masked_fill(remove.scatter(1, sorted_idx, remove), NEG_INF)
+def _top_p_keep(probs: torch.Tensor, rows: RowParams, min_keep: int, depths: Sequence[int]) -> torch.Tensor:
+    """The kept mask: each row at the first depth that covers its p, else over a full sort; p = 1 keeps all."""
+    p_all = rows.tensor("top_p").unsqueeze(1)
+    keep = torch.ones_like(probs, dtype=torch.bool)
+    pending = list(range(len(rows)))
+    for depth in [*depths, None]:
+        whole = len(pending) == len(rows)  # the usual case: no copy of the batch
+        idx = None if whole else torch.tensor(pending, device=probs.device)
+        sub_keep, done = _nucleus(probs if whole else probs.index_select(0, idx),
+                                  p_all if whole else p_all.index_select(0, idx), min_keep, depth)
+        done_host = done.tolist()
+        if whole and all(done_host):
+            keep = sub_keep
+        else:
+            done_at = done.nonzero().squeeze(1)
+            keep[done_at if whole else idx[done_at]] = sub_keep[done_at]
+        pending = [i for i, d in zip(pending, done_host, strict=True) if not d]
+        if not pending:
+            break
+    return keep | (p_all >= 1)  # p = 1 is off, even where float sums stay below 1
+
+
+def _nucleus(probs: torch.Tensor, p: torch.Tensor, min_keep: int,
+             depth: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kept mask over the ``depth`` most likely tokens (all when None), and which rows that depth covers."""
+    ranked, order = torch.topk(probs, depth, dim=1) if depth else torch.sort(probs, dim=1, descending=True)
+    mass = ranked.cumsum(dim=1)
+    # the mass above each token is the inclusive sum one rank up (exact, unlike mass - ranked)
+    above = torch.cat([torch.zeros_like(mass[:, :1]), mass[:, :-1]], dim=1)
+    ranked_keep = above < p
+    ranked_keep[:, :min_keep] = True
+    # covered: the first token below this depth has mass[:, -1] >= p above it, so it and all below go
+    done = (mass[:, -1:] >= p) | (p >= 1) if depth else torch.ones_like(p, dtype=torch.bool)
+    return torch.zeros_like(probs, dtype=torch.bool).scatter_(1, order, ranked_keep), done.squeeze(1)
 
 
 def min_p(logits: torch.Tensor, rows: RowParams, min_keep: int) -> torch.Tensor:
