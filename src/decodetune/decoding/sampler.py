@@ -61,7 +61,8 @@ def top_p(logits: torch.Tensor, rows: RowParams, min_keep: int) -> torch.Tensor:
 
     Each row is ranked only as deep as it needs (see :data:`TOP_P_DEPTHS`), decided from that row
     alone, and every depth applies the rule to the same float32 prefix sums of the row's ranked
-    probabilities; so a row keeps the same set whatever else is in the batch.
+    probabilities; so a row keeps the same set whatever else is in the batch. (transformers sums the same
+    rule from the least likely end, so the two can differ by one token where a prefix sum ties with p.)
     """
     vocab = logits.shape[1]
     depths = [k for k in TOP_P_DEPTHS if min_keep <= k and k * 4 < vocab]
