@@ -4,6 +4,7 @@ optuna-dashboard opening the same storage; bad input as one `error:` line with e
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from wsgiref.util import setup_testing_defaults
 
 import pytest
@@ -43,7 +44,10 @@ def test_tune_cli_writes_outputs_and_rerun_continues(tuned, tiny_dir):
     best = json.loads((tuned / "best_config.json").read_text())
     assert best["max_new_tokens"] == 12  # arith's default, part of the exported config
     assert json.loads((tuned / "exports" / "generation_config.json").read_text())["max_new_tokens"] == 12
-    assert (tuned / "exports" / "llamacpp_flags.txt").read_text().startswith("-n 12")
+    changes = json.loads((tuned / "exports" / "changes.json").read_text())
+    llama = changes["llamacpp"]  # exact unless the tuned config uses what llama.cpp does differently
+    assert Path(llama["file"]).read_text().startswith("-n 12")
+    assert ("approximate" in llama["file"]) == (not llama["exact"]) == bool(llama["changes"])
     summary = json.loads((tuned / "summary.json").read_text())
     assert summary["test"]["split"] == "test" and summary["run"]["trials_told"] == 4
     # the same command again: the study has its 4 trials, nothing new runs

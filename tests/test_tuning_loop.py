@@ -53,7 +53,10 @@ def test_random_search_batches_trials_into_one_call_and_stores_ci(run, tmp_path)
     final = study.user_attrs["final"]
     assert final["split"] == "test" and final["rows"][0]["name"] == "greedy (default)"
     assert final["dev_to_test_gap"] and final["examples"]
-    assert (tmp_path / "out" / "exports" / "vllm_sampling_params.json").exists()
+    changes = json.loads((tmp_path / "out" / "exports" / "changes.json").read_text())
+    vllm = changes["vllm"]  # in exports/ when exact, in exports/approximate/ with the changes named
+    assert vllm["file"].endswith("vllm_sampling_params.json") and (tmp_path / "out" / "exports").exists()
+    assert ("approximate" in vllm["file"]) == bool(vllm["changes"])
 
 
 def test_grid_is_exhaustive_and_rerun_adds_nothing(run, tmp_path):

@@ -132,16 +132,21 @@ def to_llamacpp(cfg: DecodingConfig, strict: bool = True) -> list[str]:
     if cfg.num_return_sequences > 1:
         _unsupported(cfg, "llama.cpp CLI", ["num_return_sequences"], strict)
     flags = ["-n", str(cfg.max_new_tokens)]
+    penalised = bool(cfg.repetition_penalty != 1.0 or cfg.presence_penalty or cfg.frequency_penalty)
     if not cfg.is_sampling:
-        flags += ["--temp", "0"]
+        flags += ["--temp", "0"]  # llama.cpp's default chain then keeps only the (penalised) argmax
     else:
         flags += ["--temp", f"{cfg.temperature:g}", "--top-k", str(cfg.top_k), "--top-p", f"{cfg.top_p:g}",
                   "--min-p", f"{cfg.min_p:g}", "--typical", f"{cfg.typical_p:g}"]
-        chain = [_LLAMACPP_NAMES[s] for s in cfg.full_sampler_order if s in _LLAMACPP_NAMES]
+        # penalties is a sampler of the --samplers list: a chain without it applies no penalty at all
+        chain = (["penalties"] if penalised else []) + [
+            _LLAMACPP_NAMES[s] for s in cfg.full_sampler_order if s in _LLAMACPP_NAMES]
         flags += ["--samplers", ";".join(chain)]
+    if penalised:
+        # -1: the whole context (default 64), the window decodetune's llamacpp backend uses
+        flags += ["--repeat-last-n", "-1"]
     if cfg.repetition_penalty != 1.0:
-        # -1: the whole context, as our repetition penalty sees prompt and output
-        flags += ["--repeat-penalty", f"{cfg.repetition_penalty:g}", "--repeat-last-n", "-1"]
+        flags += ["--repeat-penalty", f"{cfg.repetition_penalty:g}"]
     if cfg.presence_penalty:
         flags += ["--presence-penalty", f"{cfg.presence_penalty:g}"]
     if cfg.frequency_penalty:

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from decodetune.config import DecodingConfig
-from decodetune.io import atomic_write, write_json
+from decodetune.io import write_json
 
 if TYPE_CHECKING:
     from decodetune.tuning.core import TuneResult
@@ -158,27 +157,15 @@ def write_outputs(result: TuneResult) -> dict[str, str]:
     path = out / "best_config.json"
     best.save(path)
     files["best_config"] = str(path)
-    dropped: dict[str, list[str]] = {}
-    exports_dir = out / "exports"
-    for target, fname in (("hf", "generation_config.json"), ("vllm", "vllm_sampling_params.json"),
-                          ("llamacpp", "llamacpp_flags.txt"), ("openai", "openai_params.json")):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                value = getattr(best, f"to_{target}")(strict=False)
-            except Exception as e:  # an exporter that refuses even non-strict
-                dropped[target] = [f"export failed: {e}"]
-                continue
-        dropped[target] = [str(w.message) for w in caught]
-        p = exports_dir / fname
-        if isinstance(value, list):
-            with atomic_write(p) as f:
-                f.write(" ".join(_shell_quote(x) for x in value) + "\n")
-        else:
-            write_json(p, value)
-        files[target] = str(p)
-    write_json(exports_dir / "dropped.json", dropped)
-    files["dropped"] = str(exports_dir / "dropped.json")
+    from decodetune.tuning.exports import write_exports
+
+    backend = result.study.user_attrs.get("backend", "torch")
+    exports = write_exports(best, out, backend)
+    result.study.set_user_attr("exports", {"backend": backend, "targets": exports})
+    for target, entry in exports.items():
+        if entry["file"]:
+            files[target if entry["exact"] else f"{target} (approximate)"] = entry["file"]
+    files["changes"] = str(out / "exports" / "changes.json")
     trial = result.best_trial
     summary = {
         "study_name": result.study_name, "storage": result.storage_url,
@@ -187,15 +174,11 @@ def write_outputs(result: TuneResult) -> dict[str, str]:
         "best_dev_values": list(trial.values) if trial is not None else None,
         "best_config": best.to_dict(only_set=True),
         "pareto_trials": [t.number for t in result.best_trials] if len(result.objectives) > 1 else None,
-        "test": result.test, "run": result.stats.__dict__,
+        "test": result.test, "run": result.stats.__dict__, "backend": backend,
+        "exports": {t: {"exact": e["exact"], "changes": e["changes"]} for t, e in exports.items()},
         "totals": result.study.user_attrs.get("totals", {}),
     }
     write_json(out / "summary.json", json.loads(json.dumps(summary, default=str)))
     files["summary"] = str(out / "summary.json")
     return files
 
-
-def _shell_quote(s: str) -> str:
-    import shlex
-
-    return shlex.quote(s)
