@@ -122,6 +122,11 @@ def run_tune(*, task: str, model: str, search: str, trials: int, space: Path | N
           file=sys.stderr)
     for kind, path in result.files.items():
         print(f"  {kind}: {path}", file=sys.stderr)
+    if quiet:  # the summary table says it otherwise
+        from decodetune.tuning.report import export_lines
+
+        for line in export_lines(result.study.user_attrs):
+            print(f"warning: {line}", file=sys.stderr)
     if result.best_config is None:
         print("no trial completed; nothing to export", file=sys.stderr)
     print(f"open it in optuna-dashboard: optuna-dashboard {result.storage_url}", file=sys.stderr)

@@ -141,6 +141,16 @@ def print_summary(study: Any, console: Any = None, top: int = 8) -> None:
                           + ", ".join(f"{k} {_fmt(v, 3)}" for k, v in gap.items()))
     if d["attrs"].get("final_error"):
         console.print(f"[yellow]test-split check failed: {d['attrs']['final_error']}[/]")
+    for line in export_lines(d["attrs"]):
+        console.print(f"[yellow]{line}[/]", highlight=False)
+
+
+def export_lines(attrs: dict[str, Any]) -> list[str]:
+    """One line per export of the winner that would behave differently from what the study measured."""
+    exports = attrs.get("exports") or {}
+    backend = exports.get("backend", attrs.get("backend", "torch"))
+    return [f"measured on backend {backend}; export to {e['engine']} changes behaviour: " + "; ".join(e["changes"])
+            for e in (exports.get("targets") or {}).values() if not e.get("exact")]
 
 
 def _diff(p: dict[str, Any]) -> str:
@@ -220,7 +230,8 @@ def render_html(study: Any) -> str:
     a, objs = d["attrs"], d["objectives"]
     totals = a.get("totals", {})
     parts = [f"<h1>decodetune study {html.escape(d['name'])}</h1>"]
-    info = [["model", str(a.get("model", ""))], ["task", str(a.get("task", ""))],
+    info = [["model", str(a.get("model", ""))], ["backend (measured every score)", str(a.get("backend", "torch"))],
+            ["task", str(a.get("task", ""))],
             ["search", str(a.get("search", ""))], ["objectives", ", ".join(f"{n} ({dr})" for n, dr in objs)],
             ["dev items", str(a.get("n_dev_items", ""))], ["repeats", str(a.get("repeats", ""))],
             ["trials", f"{d['n_complete']} complete, {d['n_pruned']} pruned, {d['n_failed']} failed"],
@@ -265,6 +276,12 @@ def render_html(study: Any) -> str:
     else:
         parts.append("<p class=note>No test-split check stored"
                      + (f": {html.escape(a['final_error'])}" if a.get("final_error") else "") + ".</p>")
+    targets = (a.get("exports") or {}).get("targets") or {}
+    if targets:
+        parts.append("<h2>Exports of the winner</h2>")
+        parts.append(_table(["engine", "exact", "what changes"],
+                            [[e["engine"], "yes" if e["exact"] else "NO",
+                              "; ".join(e["changes"]) or "nothing: same config"] for e in targets.values()]))
     parts.append("<h2>Plots</h2>")
     for title, fig in _figures(study, d):
         parts.append(f"<h3>{html.escape(title)}</h3>")
