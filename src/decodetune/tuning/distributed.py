@@ -9,7 +9,12 @@ The database is the only coordination point (no scheduler of our own):
 - Grid points are enqueued and asked under :func:`study_lock` (a PostgreSQL advisory lock, or a file
   lock next to a journal/SQLite file), so two workers never enqueue or take the same point. This is the
   guard against Optuna's known duplicate evaluation in distributed grid search.
-- SQLite is not safe for parallel workers ("database is locked"); :func:`check_parallel_safe` says so.
+- File storages (SQLite, journal) have no heartbeat: each trial a process evaluates is tagged with its
+  owner (host, pid, process start time), and a RUNNING trial whose owner process is gone (``kill -9``)
+  is failed on the next start or ask (:func:`fail_dead_trials`), so it is retried and never shows as
+  running for ever.
+- SQLite is not safe for parallel workers ("database is locked"); :func:`check_parallel_safe` says so,
+  but only when another live process holds trials, never about a run's own default storage.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import socket
 import threading
 import warnings
 from collections.abc import Iterator
@@ -30,6 +36,8 @@ log = logging.getLogger("decodetune.tuning")
 HEARTBEAT_INTERVAL = int(os.environ.get("DECODETUNE_HEARTBEAT_INTERVAL", "20"))
 GRACE_PERIOD = int(os.environ.get("DECODETUNE_GRACE_PERIOD", "60"))
 MAX_RETRY = 3
+#: Trial system attribute naming the process that evaluates a trial on a storage without heartbeats.
+OWNER_ATTR = "decodetune:owner"
 
 
 def is_server_url(url: str) -> bool:
@@ -50,12 +58,87 @@ def heartbeat_kwargs(url: str) -> dict[str, Any]:
 
 
 def reap_stale_trials(study: Any) -> None:
-    """Fail trials whose worker stopped beating (their retries are enqueued by the callback)."""
+    """Fail trials whose worker stopped beating (their retries are enqueued by the callback), or, on a
+    storage without heartbeats, whose process on this machine is gone."""
     import optuna
 
+    if not has_heartbeat(study):
+        _say_failed(fail_dead_trials(study))
+        return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
+
+
+def _start_time(pid: int) -> str:
+    """The process's start time in clock ticks since boot (Linux), so a reused pid is not taken for it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[-1].split()[19]  # field 22 of proc(5), counted after the "(comm)" field
+
+
+def owner_tag() -> str:
+    """``host:pid:start`` of this process."""
+    pid = os.getpid()
+    return f"{socket.gethostname()}:{pid}:{_start_time(pid)}"
+
+
+def _owner_alive(tag: str) -> bool | None:
+    """Whether the tagged process still runs; None when it runs on another machine (can't tell)."""
+    host, _, rest = tag.partition(":")
+    pid_s, _, start = rest.partition(":")
+    if host != socket.gethostname() or not pid_s.isdigit():
+        return None
+    pid = int(pid_s)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return not start or _start_time(pid) in ("", start)
+
+
+def fail_dead_trials(study: Any, grace_s: float = GRACE_PERIOD) -> list[int]:
+    """Fail RUNNING trials whose owner process on this machine is gone; returns their numbers.
+
+    For storages without heartbeats (SQLite, journal), where a killed run's trials would otherwise stay
+    RUNNING for ever. A trial with no owner tag (asked by an older version, or killed between ask and
+    evaluation) counts as dead once it is ``grace_s`` old. Trials of other machines are left alone.
+    """
+    import datetime
+
+    import optuna
+    from optuna.trial import TrialState
+
+    storage = study._storage
+    now = datetime.datetime.now()
+    failed = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        tag = t.system_attrs.get(OWNER_ATTR)
+        if tag is not None:
+            dead = _owner_alive(str(tag)) is False
+        else:
+            dead = t.datetime_start is not None and (now - t.datetime_start).total_seconds() > grace_s
+        if not dead:
+            continue
+        try:
+            storage.set_trial_user_attr(t._trial_id, "error", f"stale: its process ({tag or 'unknown'}) ended "
+                                        "without finishing it")
+            if storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+                failed.append(t.number)
+        except optuna.exceptions.UpdateFinishedTrialError:  # another process failed it first
+            pass
+    return failed
+
+
+def _say_failed(numbers: list[int]) -> None:
+    if numbers:
+        shown = ", ".join(map(str, numbers[:8])) + (", ..." if len(numbers) > 8 else "")
+        log.warning("%d trial(s) left RUNNING by a run that was killed (trial %s) are now marked failed; "
+                    "their points can be tried again", len(numbers), shown)
 
 
 def has_heartbeat(study: Any) -> bool:
@@ -71,6 +154,7 @@ class Heartbeat:
 
     def __init__(self, study: Any, trials: list[Any]):
         self._storage = study._storage if has_heartbeat(study) else None
+        self._study_storage = study._storage
         self._ids = [t._trial_id for t in trials]
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -83,7 +167,10 @@ class Heartbeat:
                 log.warning("heartbeat for trial id %d failed: %s", trial_id, str(e).splitlines()[0])
 
     def __enter__(self) -> Heartbeat:
-        if self._storage is None or not self._ids:
+        if self._storage is None:
+            self._tag_owner()
+            return self
+        if not self._ids:
             return self
         self._beat()
         interval = self._storage.get_heartbeat_interval() or HEARTBEAT_INTERVAL
@@ -95,6 +182,15 @@ class Heartbeat:
         self._thread = threading.Thread(target=loop, name="decodetune-heartbeat", daemon=True)
         self._thread.start()
         return self
+
+    def _tag_owner(self) -> None:
+        """Without heartbeats, record which process holds each trial (see :func:`fail_dead_trials`)."""
+        tag = owner_tag()
+        for trial_id in self._ids:
+            try:
+                self._study_storage.set_trial_system_attr(trial_id, OWNER_ATTR, tag)
+            except Exception as e:  # a missing tag only delays the reaping of this trial to the grace period
+                log.warning("could not tag trial id %d with its process: %s", trial_id, str(e).splitlines()[0])
 
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
@@ -138,7 +234,13 @@ def _file_of(url: str) -> Path | None:
 
 
 def check_parallel_safe(study: Any, url: str) -> str | None:
-    """A warning when a SQLite study already has a RUNNING trial (probably another worker)."""
+    """At the start of a run: fail trials a killed run left RUNNING (and say so, first), then a warning
+    when a SQLite study still has a RUNNING trial, i.e. another live process writes to it.
+
+    A single process on its own default SQLite file gets no warning.
+    """
+    if not has_heartbeat(study):
+        _say_failed(fail_dead_trials(study))
     if not url.startswith("sqlite"):
         return None
     from optuna.trial import TrialState
