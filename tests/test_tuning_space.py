@@ -145,3 +145,30 @@ def test_fixed_strategy_resolves_conditions_statically():
     assert set(trial.params) == {"num_beams", "temperature"}
     assert cfg == DecodingConfig(strategy="beam_sample", num_beams=cfg.num_beams, temperature=cfg.temperature)
     assert math.isclose(space["temperature"].low, 0.5)
+
+
+def test_check_space_against_task_defaults_names_the_line(tmp_path):
+    from decodetune.tasks import load_task
+    from decodetune.tuning.space import check_space_against
+
+    path = write(tmp_path, "strategy: [greedy, sample]\nmin_new_tokens: {low: 0, high: 20}\n")
+    space = load_space(path)
+    check_space_against(space, {})  # fine against DecodingConfig() (max_new_tokens 64)
+    arith = load_task("arith").defaults  # max_new_tokens: 12
+    with pytest.raises(UserError, match=r"space.yaml:2: min_new_tokens: the point .*min_new_tokens=20 is invalid "
+                                        r"with the task's defaults \(max_new_tokens=12\)"):
+        check_space_against(space, arith)
+    check_space_against(load_space(write(tmp_path, "min_new_tokens: {low: 0, high: 12}\n")), arith)
+
+
+def test_check_space_against_combinations_and_the_default_spaces():
+    from decodetune.tasks import list_tasks, load_task
+    from decodetune.tuning.space import check_space_against
+
+    both = parse_space({"max_new_tokens": {"low": 4, "high": 32}, "min_new_tokens": {"low": 0, "high": 8}})
+    with pytest.raises(UserError, match="min_new_tokens=8"):  # only the corner max 4 / min 8 clashes
+        check_space_against(both, {})
+    for task in list_tasks():
+        defaults = load_task(getattr(task, "name", task)).defaults
+        for space in (default_space(), default_space(grid=True)):
+            check_space_against(space, defaults)

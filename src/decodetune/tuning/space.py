@@ -463,3 +463,77 @@ def _check_values(params: list[Param]) -> None:
                 raise UserError(f"{p.where}: {p.name}: value {v!r} is invalid ({e})") from None
             except UserError as e:
                 raise UserError(f"{p.where}: {p.name}: {e}") from None
+
+
+# ==================================================================== against a task's defaults
+#: Beyond this many corner points, each parameter is checked on its own instead of every combination.
+_MAX_CORNERS = 4096
+
+
+def _corner_values(p: Param) -> list[Any]:
+    """The values that bound what a parameter can take: range ends, every choice, the fixed value."""
+    if p.kind in ("int", "float"):
+        return [p.low, p.high] if p.low != p.high else [p.low]
+    return list(p.choices) if p.kind == "categorical" else [p.value]
+
+
+def _corner_points(space: SearchSpace, only: str | None = None) -> list[dict[str, Any]] | None:
+    """Every combination of corner values (conditions respected); None when there are too many.
+
+    With ``only``, every other searched parameter stays at its first corner value, so the points vary
+    ``only`` (and the strategy, which decides what is active).
+    """
+    points: list[dict[str, Any]] = [{}]
+    for p in space.params:
+        values = _corner_values(p)
+        if only is not None and p.name not in (only, "strategy"):
+            values = values[:1]
+        grown = []
+        for point in points:
+            if not space._active(p, point):
+                grown.append(point)
+            else:
+                grown.extend({**point, p.name: v} for v in values)
+        points = grown
+        if len(points) > _MAX_CORNERS:
+            return None
+    return points
+
+
+def _effective(space: SearchSpace, values: dict[str, Any], base_fields: dict[str, Any]) -> None:
+    """Build the config a trial with ``values`` runs (the tuner's rule: task defaults fill the fields the
+    point leaves at DecodingConfig's default); raises ConfigError / UserError if it is invalid."""
+    given = space.config(values, DecodingConfig()).to_dict(only_set=True)
+    DecodingConfig.from_dict({**base_fields, **given}, source="space")
+
+
+def check_space_against(space: SearchSpace, base_fields: dict[str, Any]) -> None:
+    """Refuse, before the first trial, a space with a point that is invalid on top of ``base_fields``.
+
+    ``base_fields``: the DecodingConfig fields the trials start from (a task's defaults, such as arith's
+    ``max_new_tokens: 12``), merged as the tuner merges them. A space is checked on its own against
+    ``DecodingConfig()`` when it is parsed; this finds what only the task's values make wrong, e.g.
+    ``min_new_tokens: {low: 0, high: 20}`` with ``max_new_tokens: 12``. The corners of the space are
+    checked (range ends, every choice, fixed values): all combinations when there are at most 4096, else
+    each parameter across the strategies. The :class:`UserError` names the space file and line.
+    """
+    points = _corner_points(space)
+    if points is None:
+        points = [pt for p in space.params for pt in (_corner_points(space, only=p.name) or [])]
+    for values in points:
+        try:
+            _effective(space, values, base_fields)
+        except UserError as e:
+            raise UserError(_blame(space, values, base_fields, e)) from None
+
+
+def _blame(space: SearchSpace, values: dict[str, Any], base_fields: dict[str, Any], error: UserError) -> str:
+    """One line: the space line of the offending field, its value, and the defaults it clashes with."""
+    field_name = getattr(error, "field", None)
+    culprit = field_name if field_name in values else next((k for k in values if space[k].searched), None)
+    where = space[culprit].where if culprit in space else space.source
+    point = ", ".join(f"{k}={v}" for k, v in values.items() if k == culprit or k == "strategy")
+    defaults = ", ".join(f"{k}={v}" for k, v in base_fields.items() if k not in values)
+    reason = str(error)
+    return (f"{where or space.source}: {culprit or 'space'}: the point {point or '(fixed values)'} is invalid with "
+            f"the task's defaults ({defaults}): {reason}")
