@@ -166,8 +166,9 @@ def test_bad_space_and_storage_fail_before_generation(run, tmp_path):
         run(ev, space=str(bad), n_trials=2)
     with pytest.raises(UserError, match=r"storage: cannot open 'postgresql://u:\*\*\*@127.0.0.1:9/db'"):
         run(ev, storage="postgresql://u:secret@127.0.0.1:9/db", n_trials=2)
-    with pytest.raises(UserError, match="storage: cannot open 'sqlite:////nonexistent/x.db': folder"):
-        run(ev, storage="sqlite:////nonexistent/x.db", n_trials=2)
+    (tmp_path / "afile").write_text("a file where a folder should be\n")
+    with pytest.raises(UserError, match="cannot create the folder, .*afile is a file"):
+        run(ev, storage=f"sqlite:///{tmp_path}/afile/x.db", n_trials=2)
     with pytest.raises(UserError, match="neither an Optuna storage URL"):
         run(ev, storage=str(tmp_path / "x.txt"), n_trials=2)
     with pytest.raises(UserError, match="CMA-ES needs a numeric-only space"):
