@@ -108,3 +108,33 @@ def test_empty_non_utf8_and_unknown_tasks(tmp_path):
         load_task("arith").items("train")
     with pytest.raises(UserError, match="file not found"):
         load_task(tmp_path / "missing.jsonl")
+
+
+def test_answer_may_be_a_list_of_acceptable_answers_scored_against_any(tmp_path):
+    from decodetune.metrics import get_metric
+    from decodetune.metrics.base import MetricInput
+
+    task = load_task(write(tmp_path / "cap.jsonl", [
+        {"prompt": "A capital of South Africa?", "answer": ["Pretoria", "Cape Town", "Bloemfontein"]},
+        {"prompt": "Capital of France?", "answer": "Paris"}]))
+    assert task.kind == "closed" and task.primary == "exact_match"
+    refs = [i.references for i in task.items("all")]
+    assert refs == [["Pretoria", "Cape Town", "Bloemfontein"], ["Paris"]]
+    scores = get_metric("exact_match").fn(MetricInput(predictions=["Cape Town", "Lyon"], references=refs))
+    assert list(scores.per_row) == [1.0, 0.0]
+    numeric = load_task(write(tmp_path / "n.jsonl", [{"prompt": "sqrt(4)?", "answer": [2, -2]}]))
+    assert numeric.primary == "numeric_match" and numeric.items("all")[0].references == ["2", "-2"]
+    csv = tmp_path / "t.csv"
+    csv.write_text('prompt,answer\nCapital?,"[""Pretoria"", ""Cape Town""]"\nOther?,Paris\n', encoding="utf-8")
+    assert [i.references for i in load_task(csv).items("all")] == [["Pretoria", "Cape Town"], ["Paris"]]
+
+
+@pytest.mark.parametrize("answer, match", [
+    ([], r"t.jsonl:1: field 'answer': a list of answers must be non-empty"),
+    (["a", ""], r"t.jsonl:1: field 'answer': a list of answers must be non-empty"),
+    ([{"x": 1}], r"t.jsonl:1: field 'answer' must be a string or a list of strings, got dict"),
+    ({"x": 1}, r"t.jsonl:1: field 'answer' must be a string or a list of strings, got dict"),
+])
+def test_bad_answer_lists_name_file_and_line(tmp_path, answer, match):
+    with pytest.raises(UserError, match=match):
+        load_task(write(tmp_path / "t.jsonl", [{"prompt": "q", "answer": answer}]))

@@ -1,9 +1,10 @@
 """Load a task from a JSONL or CSV file.
 
 Each row has ``prompt`` (text) or ``messages`` (a chat: list of ``{"role", "content"}``), optionally
-``reference`` (one string), ``references`` (a list) or ``answer`` (a checkable answer), and optionally an
-``id``. In CSV, ``messages`` and ``references`` cells hold JSON (a list), and a ``references`` cell that is
-not JSON is one reference. The scoring recipe is inferred: rows with ``answer`` make a closed task
+``reference`` (one string), ``references`` (a list) or ``answer`` (a checkable answer, or a list of
+acceptable answers: an item is right if it matches any), and optionally an ``id``. In CSV, ``messages``,
+``references`` and list ``answer`` cells hold JSON (a list), and such a cell that is not a JSON list is one
+value. The scoring recipe is inferred: rows with ``answer`` make a closed task
 (numeric answers are extracted as the first number), rows with references a reference task, rows with
 neither an open-ended one. Bad rows raise a :class:`UserError` naming ``file:line`` and the field.
 """
@@ -27,7 +28,8 @@ REFERENCE_METRICS = ["chrf", "rougeL", "bleu", "length"]
 
 def _as_text(value: Any, where: str, field: str) -> str:
     if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise UserError(f"{where}: field {field!r} must be a string, got {type(value).__name__}")
+        what = "a string or a list of strings" if field == "answer" else "a string"
+        raise UserError(f"{where}: field {field!r} must be {what}, got {type(value).__name__}")
     return value if isinstance(value, str) else str(value)
 
 
@@ -64,8 +66,23 @@ def _references(row: dict[str, Any], where: str, csv_cells: bool) -> tuple[list[
         refs.append(_as_text(row["reference"], where, "reference"))
     has_answer = row.get("answer") not in (None, "")
     if has_answer:
-        refs.append(_as_text(row["answer"], where, "answer"))
+        refs.extend(_answers(row["answer"], where, csv_cells))
     return refs, has_answer
+
+
+def _answers(value: Any, where: str, csv_cells: bool) -> list[str]:
+    """One answer, or a list of acceptable answers (many data sets have several); scored against any."""
+    if csv_cells and isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise UserError(f"{where}: field 'answer' is not a valid JSON list") from None
+    if not isinstance(value, list):
+        return [_as_text(value, where, "answer")]
+    answers = [_as_text(v, where, "answer") for v in value]
+    if not answers or not all(a.strip() for a in answers):
+        raise UserError(f"{where}: field 'answer': a list of answers must be non-empty, without empty strings")
+    return answers
 
 
 def _item(row: dict[str, Any], where: str, index: int, csv_cells: bool) -> tuple[TaskItem, bool]:
