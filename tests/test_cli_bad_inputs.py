@@ -240,3 +240,39 @@ def test_storage_folders_one_rule_create_and_a_bad_url_leaves_none(tmp_path):
         with pytest.raises(UserError, match="storage|afile"):
             resolve_storage(bad, tmp_path / "o2" / "deep")
         assert not (tmp_path / "o2").exists()
+
+
+def test_readme_examples_use_real_tasks_and_flags():
+    import re
+    import shlex
+
+    import typer.main
+
+    from decodetune.cli.demo_cmd import demo_command
+    from decodetune.cli.main import app
+    from decodetune.tasks import load_task
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    group = typer.main.get_command(app)
+    blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
+    lines = [ln.split("  #")[0] for b in blocks for ln in b.splitlines() if ln.startswith("decodetune ")]
+    assert len(lines) >= 10
+    for line in lines:
+        argv = shlex.split(line.replace("$URL", "postgresql://h/db"))[1:]
+        command = group.commands[argv[0]]
+        flags = {o for p in command.params for o in (*p.opts, *p.secondary_opts)}
+        for arg in argv[1:]:
+            if arg.startswith("-"):
+                assert arg in flags, (line, arg)
+        for task in re.findall(r"--task (\S+)", line):
+            load_task(task)  # a builtin name, not "arithmetic"
+    out_default = [p.default for p in group.commands["demo"].params if p.name == "out"][0]
+    assert f"writes `{Path(out_default) / 'report.html'}`" in readme and demo_command
+
+
+def test_eval_and_compare_read_config_the_same_way():
+    from decodetune.cli.compare_cmd import parse_config_arg
+    from decodetune.cli.eval_cmd import explicit_config
+
+    inline = '{"strategy": "sample", "top_k": 3}'
+    assert explicit_config({"__file__": inline}) == parse_config_arg(inline)[1]
