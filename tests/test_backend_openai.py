@@ -218,12 +218,18 @@ def test_evaluate_and_tune_through_the_server(backend, tmp_path):
     assert len([t for t in out.study.trials if t.state.name == "COMPLETE"]) == 2
 
 
-@pytest.mark.xfail(reason="the default space keeps transformers' sampler order, which a fixed-order server "
-                          "refuses (tuning/ must give its configs the backend's order)", strict=False)
 def test_tune_default_space_on_a_fixed_order_server(backend, tmp_path):
+    # the default space's configs get the server's fixed sampler order, so none is refused
     from decodetune.tuning import tune
 
-    tune(backend, "arith", search="random", n_trials=3, limit=2, out_dir=tmp_path, prune=False, final_test=False)
+    out = tune(backend, "arith", search="random", n_trials=3, limit=2, out_dir=tmp_path, prune=False,
+               final_test=False)
+    done = [t for t in out.study.trials if t.state.name == "COMPLETE"]
+    assert len(done) == 3
+    order = list(backend.capabilities().sampler_order)
+    for t in done:
+        cfg = t.user_attrs["config"]
+        assert cfg.get("sampler_order", order)[:len(order)] == order
 
 
 # ---------------------------------------------------------------------------------------------- fault server

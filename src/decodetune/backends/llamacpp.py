@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import secrets
 import time
@@ -115,6 +116,7 @@ class LlamaCppBackend:
         from llama_cpp import _internals
 
         lc = self._llama
+        lc.llama_backend_init()  # once per process; llama_decode segfaults without it
         self.path, self.model_name, self.raw = Path(path), model_name, raw
         self._sha256 = sha256
         mparams = lc.llama_model_default_params()
@@ -129,15 +131,18 @@ class LlamaCppBackend:
         cparams.n_ctx = self.n_ctx * self.n_seq_max
         cparams.n_batch = cparams.n_ubatch = 512
         cparams.n_seq_max = self.n_seq_max
-        cparams.kv_unified = True  # candidates of one prompt share its cells
+        cparams.kv_unified = False  # one stream per slot: a row's numerics do not depend on its neighbours
         threads = n_threads or _default_threads()
         cparams.n_threads = cparams.n_threads_batch = threads
         cparams.no_perf = True
+        # llama-cpp-python's default (Llama(flash_attn=False)): the same numerics as the bindings' own API
+        cparams.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self._ctx = _internals.LlamaContext(model=self._model, params=cparams, verbose=False)
         self._mem = lc.llama_get_memory(self._ctx.ctx)
         self._n_batch = int(cparams.n_batch)
         self._batch = lc.llama_batch_init(self._n_batch, 0, self.n_seq_max)
         self.metadata = self._model.metadata()
+        self._pieces: dict[int, bytes] = {}
         self._formatter = self._chat_formatter()
 
     # ------------------------------------------------------------------ opening
@@ -254,6 +259,18 @@ class LlamaCppBackend:
                                                          "total_s": now - row.started},
                           prompt_index=row.request_index, sequence_index=row.sequence_index,
                           num_prompt_tokens=len(row.prompt), score=float(sum(row.logprobs)), seed=seed)
+
+    def piece(self, token: int) -> bytes:
+        """The bytes of one token's text (special tokens render as nothing, as in the decoded text)."""
+        cached = self._pieces.get(token)
+        if cached is None:
+            buf = ctypes.create_string_buffer(64)
+            n = self._llama.llama_token_to_piece(self._model.vocab, token, buf, len(buf), 0, False)
+            if n < 0:  # a longer piece: -n is the size it needs
+                buf = ctypes.create_string_buffer(-n)
+                n = self._llama.llama_token_to_piece(self._model.vocab, token, buf, len(buf), 0, False)
+            cached = self._pieces[token] = buf.raw[:max(n, 0)]
+        return cached
 
     def __repr__(self) -> str:
         return f"LlamaCppBackend({str(self.path)!r}, n_seq_max={self.n_seq_max})"
@@ -388,7 +405,7 @@ class _Scheduler:
         row.tokens.append(tok)
         if lc.llama_vocab_is_eog(b._model.vocab, tok):
             return "eos"
-        row.text_bytes += b._model.token_to_piece(tok, special=False)
+        row.text_bytes += b.piece(tok)
         stops = row.config.stop
         if stops:
             tail = row.text_bytes[-(max(len(s.encode()) for s in stops) + 64):].decode("utf-8", errors="ignore")

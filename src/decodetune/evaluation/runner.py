@@ -118,6 +118,20 @@ def _gen_to_dict(g: Any) -> dict[str, Any]:
     return d
 
 
+def _complete(gens: list[Any], keys: list[str], rows: list[_Row],
+              cfgs: list[DecodingConfig]) -> dict[str, list[dict[str, Any]]]:
+    """Cache entries of the rows whose every sequence came back (a partial batch of a failed call)."""
+    grouped: dict[int, list[dict[str, Any]]] = {}
+    for g in gens:
+        grouped.setdefault(int(g.prompt_index), []).append(_gen_to_dict(g))
+    out = {}
+    for i, key in enumerate(keys):
+        seqs = grouped.get(i, [])
+        if seqs and len(seqs) == cfgs[rows[i].config_index].num_return_sequences:
+            out[key] = sorted(seqs, key=lambda d: d["sequence_index"])
+    return out
+
+
 def _num_tokens(gen: dict[str, Any]) -> int:
     """Generated tokens of a stored generation (rows cached before ``num_tokens`` existed have ids)."""
     return int(gen.get("num_tokens", len(gen["token_ids"])))
@@ -184,8 +198,15 @@ def evaluate_many(model: Any, task: str | Path | Task, configs: Sequence[ConfigL
     if todo:
         req = [first_row[k] for k in todo]
         tg = time.perf_counter()
-        gens = _generate(backend, [items[r.item_index].prompt for r in req], [cfgs[r.config_index] for r in req],
-                         [r.seed for r in req], batch_size=batch_size, progress=progress)
+        try:
+            gens = _generate(backend, [items[r.item_index].prompt for r in req],
+                             [cfgs[r.config_index] for r in req], [r.seed for r in req], batch_size=batch_size,
+                             progress=progress)
+        except Exception as e:  # a server that died mid-call: keep what it finished, then fail
+            partial = getattr(e, "partial", None)
+            if store is not None and partial:
+                store.put_many(_complete(partial, todo, req, cfgs), model=backend.model_name)
+            raise
         generate_s = time.perf_counter() - tg
         grouped: dict[int, list[dict[str, Any]]] = {}
         for g in gens:

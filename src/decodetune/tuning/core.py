@@ -176,7 +176,7 @@ def tune(model: Any, task: Any, *, search: str = "tpe", n_trials: int = 20,
         evaluate_many = _em
     stats = RunStats()
     started = time.monotonic()
-    base = DecodingConfig()
+    base = base_config(loaded.capabilities())
 
     last_batch_s = 0.0
 
@@ -290,6 +290,16 @@ def tune(model: Any, task: Any, *, search: str = "tpe", n_trials: int = 20,
                 study.set_user_attr("final_error", msg)
         result.files = write_outputs(result)
     return result
+
+
+def base_config(caps: Any) -> DecodingConfig:
+    """What every trial's config starts from: the defaults, in the backend's sampler order if it is fixed."""
+    if caps.sampler_order is None:
+        return DecodingConfig()
+    from decodetune.config import DEFAULT_SAMPLER_ORDER
+
+    order = list(caps.sampler_order) + [s for s in DEFAULT_SAMPLER_ORDER if s not in caps.sampler_order]
+    return DecodingConfig(sampler_order=order)
 
 
 def _load_task(task: Any) -> Any:
