@@ -82,6 +82,8 @@ CASES: list[tuple[list[str], str]] = [
     (["generate", "--prompt", "hi", "--config", "{badcfg.json}"], "nucleus: unknown config key"),
     (["generate", "--prompt", "hi", "--config", '{"top_k": -1}'], "top_k: must be >= 0"),
     (["generate", "--prompt", "hi", "--config", "{bad"], "malformed inline JSON"),
+    (["generate", "--prompt", "hi", "--config", '{"nucleus": 0.9}'], "nucleus: unknown config key in --config"),
+    (["eval", "--task", "arith", "--config", "[1]"], "inline JSON must be an object"),
     (["generate", "--prompt", "hi", "--batch-size", "0"], "--batch-size: must be >= 1"),
     (["generate", "--prompt", "hi", "--model", "{fake.gguf}"], "fake.gguf': not a loadable GGUF file"),
     # ---- tasks / models
@@ -276,3 +278,6 @@ def test_eval_and_compare_read_config_the_same_way():
 
     inline = '{"strategy": "sample", "top_k": 3}'
     assert explicit_config({"__file__": inline}) == parse_config_arg(inline)[1]
+    # inline fields are checked with the flags: a beam config's width may come from --num-beams
+    assert explicit_config({"__file__": '{"strategy": "beam"}', "num_beams": 3}) == {"strategy": "beam",
+                                                                                   "num_beams": 3}

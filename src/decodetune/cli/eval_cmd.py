@@ -48,14 +48,24 @@ def inline_config(config_flags: dict[str, Any]) -> dict[str, Any]:
     the same way: a JSON/YAML file, or inline JSON.
     """
     path = config_flags.get("__file__")
-    if path is None or not str(path).lstrip().startswith("{"):
+    if path is None or not str(path).lstrip().startswith(("{", "[")):
         return config_flags
-    from decodetune.cli.compare_cmd import parse_config_arg
-    from decodetune.config import ALIASES
+    import dataclasses
 
-    _, data = parse_config_arg(str(path))
+    from decodetune.config import ALIASES, DecodingConfig
+
+    try:
+        data = json.loads(str(path))
+    except json.JSONDecodeError as e:
+        raise UserError(f"--config {str(path)!r}: malformed inline JSON ({e.msg})") from None
     if not isinstance(data, dict):
-        raise UserError(f"--config {path}: inline JSON must be an object of config fields")
+        raise UserError(f"--config {str(path)!r}: inline JSON must be an object of config fields")
+    known = {f.name for f in dataclasses.fields(DecodingConfig)}
+    for key in data:
+        if ALIASES.get(key, key) not in known:
+            raise UserError(f"{key}: unknown config key in --config (inline JSON); known keys: "
+                            f"{', '.join(sorted(known))}")
+    # validated once merged with the flags (build_config): `{"strategy": "beam"}` plus --num-beams 4 is fine
     flags = {k: v for k, v in config_flags.items() if k != "__file__"}
     return {"__file__": None, **{ALIASES.get(k, k): v for k, v in data.items()}, **flags}
 
