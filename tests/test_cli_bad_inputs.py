@@ -49,7 +49,7 @@ CASES: list[tuple[list[str], str]] = [
     (["generate", "--temperature", "abc"], "--temperature: 'abc' is not a number"),
     (["generate", "--top-k", "1.5"], "--top-k: '1.5' is not an integer"),
     (["generate", "--bogus"], "--bogus: no such option"),
-    (["generate", "--promt", "x"], "--promt: no such option (did you mean --prompt?)"),
+    (["generate", "--promt", "x"], "--promt: no such option (did you mean --prompt"),
     (["generate", "--prompt"], "--prompt: needs a value"),
     (["generate", "--prompt", "hi", "extra"], "unexpected extra argument"),
     (["nosuchcommand"], "no such command 'nosuchcommand'"),
@@ -281,3 +281,19 @@ def test_eval_and_compare_read_config_the_same_way():
     # inline fields are checked with the flags: a beam config's width may come from --num-beams
     assert explicit_config({"__file__": '{"strategy": "beam"}', "num_beams": 3}) == {"strategy": "beam",
                                                                                    "num_beams": 3}
+
+
+def test_output_is_spelled_out_and_output_everywhere():
+    """``--out`` and ``--output`` are one idea: every command that writes takes both spellings."""
+    import typer.main
+
+    from decodetune.cli.main import app
+
+    group = typer.main.get_command(app)
+    writers = 0
+    for name, command in group.commands.items():
+        for param in command.params:
+            if {"--out", "--output"} & set(param.opts):
+                writers += 1
+                assert {"--out", "--output"} <= set(param.opts), (name, param.opts)
+    assert writers >= 10

@@ -21,7 +21,7 @@ _FILTERS = "Filters"
 @config_options
 def augment_command(
     input: Path = typer.Option(..., "--input", "-i", help="JSONL rows with a text field"),  # noqa: A002
-    out: Path = typer.Option(..., "--out", "-o", help="where to write the augmented JSONL"),
+    out: Path = typer.Option(..., "--out", "--output", "-o", help="where to write the augmented JSONL"),
     ops: str = typer.Option(..., "--ops", help="comma-separated: swap,delete,insert,synonym,paraphrase,backgen"),
     n: int = typer.Option(1, "--n", help="variants per row for each op (before filtering)"),
     seed: int = typer.Option(0, "--seed", help="same seed, same output"),

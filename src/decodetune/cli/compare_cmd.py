@@ -56,7 +56,7 @@ def compare_command(
     limit: Optional[int] = typer.Option(None, "--limit", "-n", help="only the first N items"),  # noqa: UP045
     metric: Optional[list[str]] = typer.Option(None, "--metric", help="metric name or pkg.module:function (repeatable)"),  # noqa: E501,UP045
     seed: int = typer.Option(0, "--seed", help="base seed: row seeds come from (seed, item, repeat)"),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="write every config's rows as JSONL"),  # noqa: UP045
+    output: Optional[Path] = typer.Option(None, "--output", "--out", "-o", help="write every config's rows as JSONL"),  # noqa: UP045
     cache: Optional[Path] = typer.Option(None, "--cache", help="SQLite generation cache"),  # noqa: UP045
     scorer: Optional[str] = typer.Option(None, "--scorer", help="model scoring gen_ppl (default: --model)"),  # noqa: UP045
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="rows per forward batch"),  # noqa: UP045

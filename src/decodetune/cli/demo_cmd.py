@@ -31,7 +31,7 @@ DEMO_SPACE = {
 
 @backend_options
 def demo_command(
-    out: Path = typer.Option(Path("decodetune-demo"), "--out", help="folder for the study and report"),
+    out: Path = typer.Option(Path("decodetune-demo"), "--out", "--output", help="folder for the study and report"),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="model to tune"),
     task: str = typer.Option("arith", "--task", "-t", help="builtin task (closed-ended works best)"),
     trials: int = typer.Option(12, "--trials", "-n", help="TPE trials"),

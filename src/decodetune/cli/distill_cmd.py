@@ -39,7 +39,7 @@ def distill_command(
     teacher: str = typer.Option("smollm2-135m", "--teacher", help="teacher: builtin name, HF folder, .gguf"),
     student: Path = typer.Option(..., "--student", help="student spec YAML (layers, sizes, norm, init)"),
     data: str = typer.Option(..., "--data", help="prompts JSONL ('prompt' [+ 'completion'] or 'text') or a task"),
-    out: Path = typer.Option(..., "--out", help="output Hugging Face model directory"),
+    out: Path = typer.Option(..., "--out", "--output", help="output Hugging Face model directory"),
     split: str = typer.Option("dev", "--split", help="task split to train on (when --data is a task)"),
     loss: str = typer.Option("fkl", "--loss", help="ce | fkl (forward KL) | rkl (reverse KL) | jsd"),
     alpha: float = typer.Option(0.0, "--alpha", help="loss = alpha*CE + (1-alpha)*KD"),
@@ -137,7 +137,7 @@ def distill_eval_command(
     task_config: Optional[Path] = typer.Option(None, "--task-config", help="DecodingConfig for the task metric"),  # noqa: UP045
     batch_size: int = typer.Option(8, "--batch-size", help="examples per forward pass"),
     seed: int = typer.Option(0, "--seed", help="seed of teacher completions"),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="write the report as JSON here"),  # noqa: UP045
+    output: Optional[Path] = typer.Option(None, "--output", "--out", "-o", help="write the report as JSON here"),  # noqa: UP045
 ) -> None:
     """Compare a student with its teacher: perplexity, top-1 agreement, KL, tokens/s, task metric."""
     from decodetune.config import DecodingConfig

@@ -13,7 +13,7 @@ def report_command(
     storage: str = typer.Option(..., "--storage", help="Optuna storage URL or *.journal file of the study"),
     study_name: Optional[str] = typer.Option(  # noqa: UP045
         None, "--study-name", help="study to report (default: the storage's only study)"),
-    out: Path = typer.Option(Path("report.html"), "--out", "-o", help="HTML file to write"),
+    out: Path = typer.Option(Path("report.html"), "--out", "--output", "-o", help="HTML file to write"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="don't print the summary tables"),
 ) -> None:
     """Write an HTML report of a study from its storage alone."""

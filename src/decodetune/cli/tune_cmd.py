@@ -35,7 +35,7 @@ def tune_command(
     repeats: int = typer.Option(1, "--repeats", "-r", help="seeds per item for sampling configs"),
     seed: int = typer.Option(0, "--seed", help="sampler seed and base of the row seeds"),
     limit: Optional[int] = typer.Option(None, "--limit", help="items per split (dev and test)"),  # noqa: UP045
-    out: Path = typer.Option(Path("decodetune-out"), "--out", help="folder for study, cache and outputs"),
+    out: Path = typer.Option(Path("decodetune-out"), "--out", "--output", help="folder for study, cache and outputs"),
     batch_trials: Optional[int] = typer.Option(  # noqa: UP045
         None, "--batch-trials", help="trials evaluated together in one generate batch"),
     prune: bool = typer.Option(True, "--prune/--no-prune", help="WilcoxonPruner on per-item scores"),

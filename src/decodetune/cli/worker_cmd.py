@@ -26,7 +26,8 @@ def worker_command(
     repeats: int = typer.Option(1, "--repeats", "-r", help="seeds per item for sampling configs"),
     seed: int = typer.Option(0, "--seed", help="base of the row seeds (the same for every worker)"),
     limit: Optional[int] = typer.Option(None, "--limit", help="items per split"),  # noqa: UP045
-    out: Path = typer.Option(Path("decodetune-out"), "--out", help="folder for this machine's generation cache"),
+    out: Path = typer.Option(Path("decodetune-out"), "--out", "--output",
+                             help="folder for this machine's generation cache"),
     batch_trials: Optional[int] = typer.Option(None, "--batch-trials", help="trials per generate batch"),  # noqa: UP045
     prune: bool = typer.Option(True, "--prune/--no-prune", help="WilcoxonPruner on per-item scores"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads for this worker"),  # noqa: UP045
