@@ -215,11 +215,26 @@ def test_bad_input_is_one_error_line(argv, message, inputs, tmp_path, monkeypatc
 
 
 def test_at_least_sixty_cases_cover_every_command():
+    assert len(CASES) >= 60
+    assert {argv[0] for argv, _ in CASES} >= {"generate", "models", "tasks", "eval", "compare", "tune", "report",
+                                              "demo", "status", "worker", "distill", "distill-eval", "augment"}
+
+
+def _commands() -> list[str]:
     from decodetune.cli.main import app
 
-    assert len(CASES) >= 60
-    commands = {c.name for c in app.registered_commands}
-    assert commands <= {argv[0] for argv, _ in CASES}
+    return [c.name for c in app.registered_commands if c.name]
+
+
+@pytest.mark.parametrize("command", _commands())
+def test_every_command_gives_usage_errors_in_one_line(command, tmp_path, monkeypatch, capsys):
+    """Also commands added later: an unknown option and a bad value are one line, exit 2."""
+    monkeypatch.chdir(tmp_path)
+    assert main([command, "--no-such-option"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --no-such-option: no such option\n" or (
+        err.startswith("error: --no-such-option: no such option (did you mean") and err.count("\n") == 1), err
+    assert _tree(tmp_path) == set()
 
 
 def test_help_is_still_typers(capsys):
