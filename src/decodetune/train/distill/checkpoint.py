@@ -34,6 +34,8 @@ def save_checkpoint(directory: str | Path, step: int, student: torch.nn.Module, 
     final = root / f"step-{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=".step-", suffix=".tmp", dir=root))
     try:
+        # not a model folder (no config.json; only load_checkpoint reads it, through safetensors'
+        # load_model, which re-ties what save_model de-duplicated): the model folder is save_student's
         save_model(student, str(tmp / "student.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))

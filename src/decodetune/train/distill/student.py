@@ -123,8 +123,10 @@ def student_config(teacher_config: Any, spec: StudentSpec) -> Any:
     if heads % kv:
         raise UserError(f"{spec.source}: num_attention_heads {heads} is not divisible by "
                         f"num_key_value_heads {kv}")
+    # quantization_config: a GGUF-loaded teacher's would make the student's config.json claim GGUF weights
     base = {k: v for k, v in t.to_dict().items()
-            if k not in ("architectures", "model_type", "transformers_version", "_name_or_path")}
+            if k not in ("architectures", "model_type", "transformers_version", "_name_or_path",
+                         "quantization_config")}
     base.update(num_hidden_layers=spec.num_hidden_layers, hidden_size=hidden, intermediate_size=inter,
                 num_attention_heads=heads, num_key_value_heads=kv, head_dim=hidden // heads,
                 architectures=["LlamaForCausalLM"])
@@ -275,14 +277,15 @@ def save_student(model: nn.Module, tokenizer: Any, out_dir: str | Path, extra_fi
     ``extra_files`` (name -> bytes) are written inside too (training log, loss curve...). An existing
     ``out_dir`` is replaced only with ``overwrite``; otherwise it is a :class:`UserError`.
     """
+    from decodetune.models.layout import save_model_folder
+
     out = Path(out_dir)
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out}: already exists; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
+        save_model_folder(model, tmp, tokenizer)
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
         if out.exists():
