@@ -180,3 +180,26 @@ def test_missing_bindings_name_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)
     with pytest.raises(UserError, match=r'pip install -e "\.\[llamacpp\]"'):
         mod._import_llama()
+
+
+def test_verify_pairs_the_same_items_in_two_engines(backend):
+    from decodetune.backends import as_backend
+    from decodetune.evaluation.portability import verify
+    from decodetune.models import load_model
+
+    torch_engine = as_backend(load_model("smollm2-135m"))
+    res = verify({"strategy": "greedy"}, "arith", torch_engine, backend, limit=6, bootstrap=200)
+    assert res.reference.backend == "torch" and res.target.backend == "llamacpp"
+    assert res.reference.item_ids == res.target.item_ids
+    d = next(p for p in res.differences if p.metric == "numeric_match")
+    assert d.diff == pytest.approx(res.target.score - res.reference.score) and d.n_items == 6
+    assert "tuned in torch, served by llamacpp: numeric_match" in res.sentence()
+
+
+def test_verify_cli_refuses_a_config_the_target_cannot_run(capsys):
+    from decodetune.cli.main import main
+
+    code = main(["verify", "--config", '{"strategy": "beam", "num_beams": 4}', "--task", "arith",
+                 "--backend", "llamacpp", "--limit", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "strategy: backend 'llamacpp'" in err[0], err

@@ -24,7 +24,7 @@ except ImportError:  # pragma: no cover - depends on the installed typer
 
 #: Command modules, in the order ``--help`` lists them. Missing ones are skipped.
 COMMAND_MODULES = ["generate", "models", "tasks", "eval", "compare", "tune", "report", "demo", "status",
-                   "worker", "distill", "augment"]
+                   "worker", "verify", "distill", "augment"]
 
 app = typer.Typer(
     name="decodetune",

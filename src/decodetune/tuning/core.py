@@ -28,7 +28,7 @@ from decodetune.tuning.runner import (
     make_splits,
     trial_values,
 )
-from decodetune.tuning.space import SearchSpace, default_space, load_space
+from decodetune.tuning.space import SearchSpace, check_space_against, default_space, load_space
 from decodetune.tuning.study import (
     default_study_name,
     make_pruner,
@@ -128,6 +128,7 @@ def tune(model: Any, task: Any, *, search: str = "tpe", n_trials: int = 20,
     # again against what the opened backend (a probed server) really does
     space_obj = _resolve_space(space, search, _capabilities_of(backend, options),
                                options.name if options else backend.name)
+    check_space_against(space_obj, dict(getattr(task, "defaults", {}) or {}))
     if search == "grid":
         grid_points = space_obj.grid(seed=seed)
     out = Path(out_dir)
@@ -269,6 +270,9 @@ def tune(model: Any, task: Any, *, search: str = "tpe", n_trials: int = 20,
                 stats.stop_reason = stats.stop_reason or "trials done"
     except KeyboardInterrupt:
         _fail_unfinished(study, in_flight, "interrupted")
+        raise
+    except BaseException as e:  # a dead server, a refused config...: no trial stays RUNNING
+        _fail_unfinished(study, in_flight, f"{type(e).__name__}: {e}".splitlines()[0])
         raise
     stats.wall_s = time.monotonic() - started
     _accumulate_run_stats(study, stats)
