@@ -144,3 +144,92 @@ def test_halving_and_optuna_search(arith_xy):
         opt.fit(X_train, y_train)
     assert 0.1 <= opt.best_params_["temperature"] <= 2.0 and 2 <= opt.best_params_["beam_size"] <= 5
     assert len(opt.trials_) == 4
+
+
+# ---------------------------------------------------------------- the backend protocol
+class _RefusingBackend:
+    """A backend that can only run greedy and fails the test if it is asked to generate."""
+
+    name = "fake"
+    model_name = "fake"
+
+    def identity(self) -> str:
+        return "fake"
+
+    def capabilities(self):
+        from decodetune.backends import Capabilities
+
+        return Capabilities(strategies=frozenset({"greedy"}), fields=frozenset({"max_new_tokens"}))
+
+    def render(self, prompt):
+        return str(prompt)
+
+    def generate(self, requests, *, logprobs=False, batch_size=None, progress=False):
+        raise AssertionError("generated although the config was refused")
+
+    def default_config(self):
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+def test_backend_param_is_stored_and_resolved_once():
+    from decodetune.backends import BackendOptions
+    from decodetune.tuning.estimator import resolve_backend
+
+    opts = BackendOptions(name="torch")
+    est = DecodingEstimator(model=TINY, backend=opts)
+    assert est.get_params()["backend"] is opts and clone(est).backend is opts
+    assert DecodingEstimator().backend is None
+    b = resolve_backend(TINY, None)
+    assert b.name == "torch" and b.lm is resolve_model(TINY)
+    assert resolve_backend(TINY, "torch") is b and resolve_backend(TINY, opts) is b
+    with pytest.raises(UserError, match="unknown backend 'tensorrt'"):
+        DecodingEstimator(model=TINY, backend="tensorrt").predict(["x"])
+    with pytest.raises(UserError, match="only the torch backend"):
+        DecodingEstimator(model=TINY, backend="llamacpp").predict(["x"])
+
+
+def test_rows_are_seeded_like_the_evaluation():
+    """Seeds are row_seed(seed, sha of the prompt, 0); sampling through the backend equals generate()."""
+    import hashlib
+
+    from decodetune.decoding import generate
+    from decodetune.evaluation import row_seed
+    from decodetune.tuning.estimator import prompt_id
+
+    X = ["The quick brown", "Once upon a time", "Paris is the"]
+    est = DecodingEstimator(model=TINY, temperature=1.0, max_new_tokens=5, seed=7)
+    seeds = [row_seed(7, hashlib.sha256(p.encode()).hexdigest(), 0) for p in X]
+    assert [r.seed for r in est._requests(X, est.config())] == seeds
+    want = [g.text for g in generate(resolve_model(TINY), X, est.config(), seeds=seeds)]
+    assert list(est.predict(X)) == want
+    assert list(est.predict(X[::-1])) == want[::-1]  # a row's seed follows its prompt, not its position
+    assert prompt_id([{"role": "user", "content": "hi"}]) == prompt_id([{"content": "hi", "role": "user"}])
+
+
+def test_a_config_the_backend_cannot_run_is_refused_before_generating():
+    est = DecodingEstimator(model=_RefusingBackend(), temperature=0.7, max_new_tokens=4)
+    with pytest.raises(UserError, match="DecodingEstimator: strategy: backend 'fake' cannot run this config"):
+        est.predict(["x"])
+
+
+def test_llamacpp_backend_scores_the_builtin_model():
+    """The estimator on backend="llamacpp" generates with llama.cpp (the embedded GGUF) and scores."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[llamacpp]')")
+    from decodetune.backends import BackendOptions, Request
+    from decodetune.tuning.estimator import resolve_backend
+
+    items = load_task("arith").items("dev")[:4]
+    X, y = [it.prompt for it in items], [it.references[0] for it in items]
+    est = DecodingEstimator(model="smollm2-135m", task="arith", backend="llamacpp", max_new_tokens=8)
+    score = est.score(X, y)
+    assert 0.0 <= score <= 1.0
+    backend = resolve_backend("smollm2-135m", "llamacpp")
+    assert backend.name == "llamacpp" and resolve_backend("smollm2-135m", BackendOptions(name="llamacpp")) is backend
+    direct = backend.generate([Request(p, est.config(), 0) for p in X])
+    assert list(est.predict(X)) == [g.text for g in direct]  # greedy: the seed does not matter
+    assert all(g.num_tokens <= 8 for g in direct)
+    with pytest.raises(UserError, match="strategy: backend 'llamacpp' cannot run this config"):
+        DecodingEstimator(model="smollm2-135m", backend="llamacpp", beam_size=3).predict(X)

@@ -7,15 +7,21 @@ metric of the extracted answers against ``y``.
 
 Estimator conventions: every ``__init__`` keyword is stored unchanged (validation happens in
 ``fit``/``predict``), and :meth:`__sklearn_clone__` copies the parameters without deep-copying them, so a
-search never copies the model. A model given by name is loaded once per process (``load_model`` memoises
-string specs) and an in-memory model can be registered under a name with :func:`register_model`.
+search never copies the model. ``predict`` generates through the backend protocol
+(:mod:`decodetune.backends`): ``backend`` is a :class:`~decodetune.backends.BackendOptions`, a backend name
+(``"llamacpp"``) or None for the torch engine, and each (model, backend) pair is opened once per process,
+so a search over many candidates never reopens it. An in-memory model can be registered under a name
+with :func:`register_model` (torch backend only).
 """
 
 from __future__ import annotations
 
 import hashlib
 import inspect
-from typing import Any
+import json
+import os
+import threading
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sklearn.base import BaseEstimator
@@ -23,14 +29,24 @@ from sklearn.base import BaseEstimator
 from decodetune.config import DecodingConfig
 from decodetune.errors import UserError
 
+if TYPE_CHECKING:
+    from decodetune.backends import Backend, BackendOptions, Request
+
 _REGISTERED: dict[str, Any] = {}
+#: open backends by (model key, BackendOptions); the model itself is kept beside its backend so that an
+#: id() key cannot be reused by another object while the entry lives
+_BACKENDS: dict[tuple[Any, Any], tuple[Any, Any]] = {}
+_BACKENDS_LOCK = threading.Lock()
 
 
 def register_model(name: str, model: Any) -> None:
     """Make an in-memory model (a LoadedModel or a (model, tokenizer) pair) loadable by ``name``."""
     from decodetune.models import load_model
 
-    _REGISTERED[name] = load_model(model)
+    with _BACKENDS_LOCK:
+        _REGISTERED[name] = load_model(model)
+        for key in [k for k in _BACKENDS if k[0] == name]:  # a backend on the model this name held before
+            del _BACKENDS[key]
 
 
 def resolve_model(spec: Any) -> Any:
@@ -40,6 +56,59 @@ def resolve_model(spec: Any) -> Any:
     if isinstance(spec, str) and spec in _REGISTERED:
         return _REGISTERED[spec]
     return load_model(spec)
+
+
+def backend_options(backend: Any) -> BackendOptions:
+    """``backend`` (BackendOptions, a backend name, or None = torch) as :class:`BackendOptions`."""
+    from decodetune.backends import BackendOptions
+
+    if backend is None:
+        return BackendOptions()
+    if isinstance(backend, BackendOptions):
+        return backend
+    if isinstance(backend, str):
+        return BackendOptions(name=backend)
+    raise UserError(f"DecodingEstimator.backend: expected a backend name, BackendOptions or None, "
+                    f"got {type(backend).__name__}")
+
+
+def resolve_backend(model: Any, backend: Any = None) -> Backend:
+    """The backend serving ``model``, opened once per process for each (model, backend) pair.
+
+    The torch backend takes anything :func:`resolve_model` does (registered names included); the others
+    take what their ``open`` takes (a builtin name, a .gguf path, a served model name). A backend given
+    as the model is used as it is.
+    """
+    from decodetune.backends import Backend, open_backend
+
+    opts = backend_options(backend)
+    if isinstance(model, Backend) and not isinstance(model, type):
+        return model
+    if isinstance(model, os.PathLike):
+        model = os.fspath(model)  # one key per path, not one per Path object
+    key = (model if isinstance(model, str) else id(model), opts)
+    with _BACKENDS_LOCK:
+        if key not in _BACKENDS:
+            _BACKENDS[key] = (model, open_backend(_engine_model(model, opts.name), opts))
+        return _BACKENDS[key][1]
+
+
+def _engine_model(model: Any, engine: str) -> Any:
+    """What ``open_backend`` gets: a registered name's model for torch, else the spec itself (so that the
+    options' raw / device / trust_remote_code apply when torch loads it)."""
+    if not (isinstance(model, str) and model in _REGISTERED):
+        return model
+    if engine == "torch":
+        return _REGISTERED[model]
+    raise UserError(f"DecodingEstimator.model: {model!r} is a registered in-memory model, which only the "
+                    f"torch backend can run (backend is {engine!r})")
+
+
+def prompt_id(prompt: Any) -> str:
+    """A stable id of a prompt (text or chat messages): the sha256 of its text, so a row's seed depends on
+    the prompt and not on which fold it landed in."""
+    text = prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _plain(v: Any) -> Any:
@@ -55,6 +124,9 @@ class DecodingEstimator(BaseEstimator):
     nothing is greedy. ``None`` leaves a knob at its DecodingConfig default (or the task's). ``task``
     (a builtin name) supplies the answer extraction, default metric and defaults such as
     ``max_new_tokens``; without it answers are stripped text and the metric defaults to exact_match.
+    ``backend`` (a :class:`~decodetune.backends.BackendOptions`, a name such as ``"llamacpp"``, or None for
+    the torch engine) is the engine ``predict`` and ``score`` generate with. Row seeds are
+    ``row_seed(seed, prompt_id(prompt), 0)``, as the evaluation's.
     """
 
     def __init__(self, model: Any = "smollm2-135m", metric: str | None = None, task: str | None = None,
@@ -62,7 +134,7 @@ class DecodingEstimator(BaseEstimator):
                  top_p: float | None = None, top_k: int | None = None, min_p: float | None = None,
                  repetition_penalty: float | None = None, no_repeat_ngram_size: int | None = None,
                  length_penalty: float | None = None, max_new_tokens: int | None = None, seed: int = 0,
-                 batch_size: int | None = None):
+                 batch_size: int | None = None, backend: Any = None):
         self.model = model
         self.metric = metric
         self.task = task
@@ -78,6 +150,7 @@ class DecodingEstimator(BaseEstimator):
         self.max_new_tokens = max_new_tokens
         self.seed = seed
         self.batch_size = batch_size
+        self.backend = backend
 
     # ------------------------------------------------------------ sklearn protocol
     def __sklearn_clone__(self) -> DecodingEstimator:
@@ -124,23 +197,26 @@ class DecodingEstimator(BaseEstimator):
             fields = {**{k: v for k, v in task.defaults.items() if k not in fields}, **fields}
         return DecodingConfig.from_dict(fields, source="DecodingEstimator")
 
-    def _seeds(self, prompts: list[Any]) -> list[int]:
-        # a row's seed depends on its prompt, not on which fold it landed in
-        out = []
-        for p in prompts:
-            digest = hashlib.sha256(f"{self.seed}\x1f{p!r}".encode()).digest()
-            out.append(int.from_bytes(digest[:4], "big") & 0x7FFFFFFF)
-        return out
+    def _requests(self, prompts: list[Any], cfg: DecodingConfig) -> list[Request]:
+        from decodetune.backends import Request
+        from decodetune.evaluation import row_seed
+
+        return [Request(p, cfg, row_seed(int(_plain(self.seed)), prompt_id(p), 0)) for p in prompts]
 
     def predict(self, X: Any) -> np.ndarray:  # noqa: N803
-        """Generated text for each prompt in ``X`` (object array)."""
-        from decodetune.decoding import generate
+        """Generated text for each prompt in ``X`` (object array), from the chosen backend.
+
+        A config the backend cannot honour is a :class:`UserError` before anything is generated.
+        """
+        from decodetune.backends import check_config
 
         prompts = [p if isinstance(p, list) else str(p) for p in X]
-        if not prompts:
+        cfg = self.config()
+        if not prompts:  # nothing to generate: no engine to open
             return np.array([], dtype=object)
-        gens = generate(resolve_model(self.model), prompts, self.config(), seeds=self._seeds(prompts),
-                        batch_size=_plain(self.batch_size))
+        backend = resolve_backend(self.model, self.backend)
+        check_config(cfg, backend, where="DecodingEstimator")
+        gens = backend.generate(self._requests(prompts, cfg), batch_size=_plain(self.batch_size))
         texts = [g.text for g in gens if g.sequence_index == 0]
         return np.array(texts, dtype=object)
 
