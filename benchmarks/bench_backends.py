@@ -10,6 +10,7 @@ anchor. Then:
 
 The openai line runs the eval against ``python -m llama_cpp.server`` on loopback (same GGUF), so it
 measures the HTTP path on top of the same engine. No cache is used anywhere; every figure is generated.
+Each measurement runs in a fresh process (engines' idle thread pools would otherwise compete).
 
     python benchmarks/bench_backends.py [--task arith] [--items 40] [--trials 6] [--threads 2]
 """
@@ -17,6 +18,7 @@ measures the HTTP path on top of the same engine. No cache is used anywhere; eve
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import subprocess
@@ -105,7 +107,64 @@ def start_server(gguf: Path, threads: int, n_ctx: int) -> tuple[subprocess.Popen
 
 def line(name: str, tokens: int, secs: float, anchor_tps: float) -> None:
     tps = tokens / secs if secs > 0 else float("nan")
-    print(f"{name:<38} {tokens:>6} tok {secs:>8.2f} s {tps:>8.1f} tok/s  {tps / anchor_tps:>5.2f}x anchor")
+    print(f"{name:<44} {tokens:>6} tok {secs:>8.2f} s {tps:>8.1f} tok/s  {tps / anchor_tps:>5.2f}x anchor", flush=True)
+
+
+def stage(args: argparse.Namespace) -> dict:
+    """One measurement, run in a process of its own: thread pools of other engines never compete."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    task = load_task(args.task)
+    cfg = DecodingConfig.from_dict({**task.defaults, "strategy": "greedy"})
+    prompts = [it.prompt for it in task.items("dev")[:args.items]]
+    n_ctx = 1024
+
+    def llama(parallel: int) -> object:
+        return open_backend("smollm2-135m", BackendOptions(name="llamacpp", n_threads=args.threads,
+                                                          n_seq_max=parallel, n_ctx=n_ctx))
+    name = args.stage
+    if name == "anchor":
+        engine = llama(1)
+        rendered = [engine.render(p) for p in prompts]
+        path = engine.path
+        engine.close()
+        tok, secs = bare_anchor(path, rendered, cfg.max_new_tokens, args.threads, n_ctx)
+        return {"tokens": tok, "secs": secs}
+    if name == "batch1":
+        tok, secs = batch1(llama(1), prompts, cfg)
+        return {"tokens": tok, "secs": secs}
+    if name.startswith("eval-") or name.startswith("tune-"):
+        kind = name.split("-", 1)[1]
+        proc = None
+        if kind == "llamacpp":
+            engine = llama(args.parallel)
+        elif kind == "torch":
+            engine = open_backend("smollm2-135m", BackendOptions(name="torch"))
+        else:
+            path = llama(1).path
+            proc, url = start_server(path, args.threads, n_ctx * 4)
+            engine = open_backend("smollm2-135m", BackendOptions(name="openai", base_url=url, concurrency=4))
+        try:
+            if name.startswith("eval-"):
+                tok, secs, score = eval_run(engine, args.task, args.items)
+                return {"tokens": tok, "secs": secs, "score": score}
+            return {"secs": tune_run(engine, args.task, args.items, args.trials)}
+        finally:
+            if proc is not None:
+                proc.terminate()
+                proc.wait(10)
+    raise SystemExit(f"unknown stage {name}")
+
+
+def run_stage(name: str, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--stage", name, "--task", args.task, "--items", str(args.items),
+           "--trials", str(args.trials), "--threads", str(args.threads), "--parallel", str(args.parallel)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    last = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    if out.returncode != 0 or not last:
+        raise RuntimeError(f"stage {name} failed: {out.stderr.strip().splitlines()[-3:]}")
+    return json.loads(last[-1])
 
 
 def main() -> None:
@@ -116,47 +175,27 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--parallel", type=int, default=8, help="llamacpp sequence slots")
     ap.add_argument("--skip-tune", action="store_true")
+    ap.add_argument("--stage", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    import torch
-
-    torch.set_num_threads(args.threads)
+    if args.stage:
+        print(json.dumps(stage(args)))
+        return
     print(f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}; threads {args.threads}; "
-          f"task {args.task}; {args.items} items")
-    task = load_task(args.task)
-    cfg = DecodingConfig.from_dict({**task.defaults, "strategy": "greedy"})
-    prompts = [it.prompt for it in task.items("dev")[:args.items]]
-    n_ctx = 1024
-    llama = open_backend("smollm2-135m", BackendOptions(name="llamacpp", n_threads=args.threads,
-                                                       n_seq_max=args.parallel, n_ctx=n_ctx))
-    torch_engine = open_backend("smollm2-135m", BackendOptions(name="torch"))
-    rendered = [llama.render(p) for p in prompts]
-
-    tok, secs = bare_anchor(llama.path, rendered, cfg.max_new_tokens, args.threads, n_ctx)
-    anchor = tok / secs
-    line("anchor: bare llama-cpp-python, 1 by 1", tok, secs, anchor)
-    one = open_backend("smollm2-135m", BackendOptions(name="llamacpp", n_threads=args.threads, n_seq_max=1,
-                                                     n_ctx=n_ctx))
-    tok, secs = batch1(one, prompts, cfg)
-    line("llamacpp backend, batch 1", tok, secs, anchor)
-    one.close()
-    results = {}
-    for name, engine in (("llamacpp", llama), ("torch", torch_engine)):
-        tok, secs, score = eval_run(engine, args.task, args.items)
-        results[name] = secs
-        line(f"{args.task} eval on {name} (score {score:.3f})", tok, secs, anchor)
-    proc, url = start_server(llama.path, args.threads, n_ctx * 4)
-    try:
-        server = open_backend("smollm2-135m", BackendOptions(name="openai", base_url=url, concurrency=4))
-        tok, secs, score = eval_run(server, args.task, args.items)
-        line(f"{args.task} eval on openai (score {score:.3f})", tok, secs, anchor)
-        server.close()
-    finally:
-        proc.terminate()
-        proc.wait(10)
-    print(f"eval wall time torch / llamacpp: {results['torch'] / results['llamacpp']:.2f}x (target >= 2)")
+          f"task {args.task}; {args.items} items; llamacpp --parallel {args.parallel}", flush=True)
+    a = run_stage("anchor", args)
+    anchor = a["tokens"] / a["secs"]
+    line("anchor: bare llama-cpp-python, 1 by 1", a["tokens"], a["secs"], anchor)
+    b = run_stage("batch1", args)
+    line("llamacpp backend, batch 1, 1 by 1", b["tokens"], b["secs"], anchor)
+    evals = {}
+    for kind in ("llamacpp", "torch", "openai"):
+        r = evals[kind] = run_stage(f"eval-{kind}", args)
+        line(f"{args.task} eval on {kind} (score {r['score']:.3f})", r["tokens"], r["secs"], anchor)
+    print(f"eval wall time torch / llamacpp: {evals['torch']['secs'] / evals['llamacpp']['secs']:.2f}x "
+          "(target >= 2)")
     if not args.skip_tune:
-        t_llama = tune_run(llama, args.task, args.items, args.trials)
-        t_torch = tune_run(torch_engine, args.task, args.items, args.trials)
+        t_llama = run_stage("tune-llamacpp", args)["secs"]
+        t_torch = run_stage("tune-torch", args)["secs"]
         print(f"tune ({args.trials} random trials + test check): torch {t_torch:.1f} s, llamacpp {t_llama:.1f} s, "
               f"{t_torch / t_llama:.2f}x (target >= 2)")
     print(f"load average at the end {os.getloadavg()[0]:.2f}")

@@ -10,10 +10,13 @@
   then ``dist(seed)``; greedy configs get ``penalties -> greedy``. The prompt is accepted into the chain
   before sampling, as llama-cli and llama-server do, so penalties see prompt and output tokens over the
   whole context (``--repeat-last-n -1``).
-* Several sequences are decoded per ``llama_decode``: one KV cache (``kv_unified``) with ``n_seq_max``
-  sequence slots; a finished sequence frees its slot (``llama_memory_seq_rm``) and the next waiting row
-  takes it (continuous batching). The n candidates of one prompt prefill once and copy the prompt's
-  cache cells (``llama_memory_seq_cp``).
+* Several sequences are decoded per ``llama_decode``: ``n_seq_max`` sequence slots, each its own KV stream
+  (``kv_unified = false``, so a row's numerics do not depend on its neighbours); a finished sequence frees
+  its slot (``llama_memory_seq_rm``) and the next waiting row takes it (continuous batching). The n
+  candidates of one prompt prefill once and copy the prompt's cells (``llama_memory_seq_cp``), and the
+  chat template's head (system prompt and user-turn opener) is prefilled once per backend in one more
+  sequence and copied into each row, as llama-server's prompt cache and ``Llama``'s prefix reuse do.
+* Flash attention is off, llama-cpp-python's default, so tokens equal those of the bindings' own API.
 * Seeds: sequence 0 of a prompt uses the row's seed itself (so ``--seed S`` reproduces it in llama.cpp);
   sequence j > 0 a seed derived from (seed, j).
 """
@@ -103,6 +106,7 @@ class _Row:
     started: float = 0.0
     prefill_s: float = 0.0
     n_past: int = 0
+    skip: int = 0  # leading prompt tokens copied from the cached template head
 
 
 class LlamaCppBackend:
@@ -127,10 +131,11 @@ class LlamaCppBackend:
         self.n_vocab = self._model.n_vocab()
         self.n_ctx = min(n_ctx, self._model.n_ctx_train() or n_ctx)
         self.n_seq_max = max(1, n_seq_max)
+        self.holder = self.n_seq_max  # one more sequence keeps the chat template's head in the KV cache
         cparams = lc.llama_context_default_params()
-        cparams.n_ctx = self.n_ctx * self.n_seq_max
+        cparams.n_ctx = self.n_ctx * (self.n_seq_max + 1)
         cparams.n_batch = cparams.n_ubatch = 512
-        cparams.n_seq_max = self.n_seq_max
+        cparams.n_seq_max = self.n_seq_max + 1
         cparams.kv_unified = False  # one stream per slot: a row's numerics do not depend on its neighbours
         threads = n_threads or _default_threads()
         cparams.n_threads = cparams.n_threads_batch = threads
@@ -140,10 +145,12 @@ class LlamaCppBackend:
         self._ctx = _internals.LlamaContext(model=self._model, params=cparams, verbose=False)
         self._mem = lc.llama_get_memory(self._ctx.ctx)
         self._n_batch = int(cparams.n_batch)
-        self._batch = lc.llama_batch_init(self._n_batch, 0, self.n_seq_max)
+        self._batch = lc.llama_batch_init(self._n_batch, 0, self.n_seq_max + 1)
         self.metadata = self._model.metadata()
         self._pieces: dict[int, bytes] = {}
         self._formatter = self._chat_formatter()
+        self.head = self._template_head()
+        self._head_cached = False
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -175,6 +182,36 @@ class LlamaCppBackend:
 
         return Jinja2ChatFormatter(template, eos_token=text(self._model.token_eos()),
                                    bos_token=text(self._model.token_bos()), add_generation_prompt=True)
+
+    def _template_head(self) -> list[int]:
+        """The token ids every chat prompt starts with (system prompt, user turn opener): prefilled once.
+
+        Found as the common prefix of two renderings that differ only in the user's text, so a prompt's
+        split into head and rest depends on that prompt alone, never on the rest of the batch.
+        """
+        if self._formatter is None:
+            return []
+        a, b = self.render("a"), self.render("b")
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        return a[:n] if n >= 4 else []
+
+    def _cache_head(self) -> None:
+        if self._head_cached or not self.head:
+            return
+        lc, batch = self._llama, self._batch
+        for pos, tok in enumerate(self.head):
+            _Scheduler._put(batch, pos, tok, pos, self.holder, pos == len(self.head) - 1)
+        batch.n_tokens = len(self.head)
+        if lc.llama_decode(self._ctx.ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed on the chat template's head")
+        self._head_cached = True
+
+    def head_length(self, prompt: list[int]) -> int:
+        """How many leading tokens of ``prompt`` the cached head covers (0 if it does not start with it)."""
+        n = len(self.head)
+        return n if n and len(prompt) > n and prompt[:n] == self.head else 0
 
     # ------------------------------------------------------------------ protocol
     def identity(self) -> str:
@@ -244,6 +281,7 @@ class LlamaCppBackend:
             for j in range(req.config.num_return_sequences):
                 rows.append(_Row(i, j, ids, req.config, seed))
         width = min(self.n_seq_max, batch_size or self.n_seq_max)
+        self._cache_head()
         done = _Scheduler(self, rows, width, logprobs, progress).run()
         out = [self._generation(r, reason, used_seeds[r.request_index], logprobs) for r, reason in done]
         return sorted(out, key=lambda g: (g.prompt_index, g.sequence_index))
@@ -320,7 +358,8 @@ class _Scheduler:
         while self.waiting and self.free:
             row = self.waiting[0]
             same = (prev is not None and prev.request_index == row.request_index)
-            cost = 0 if same else len(row.prompt)
+            row.skip = self.b.head_length(row.prompt)
+            cost = 0 if same else len(row.prompt) - row.skip
             if cost > budget and admitted:
                 break
             if cost > self.b._n_batch:
@@ -348,8 +387,10 @@ class _Scheduler:
             if same and owner is not None:
                 continue  # filled after the decode by copying the owner's cells
             owner = row
-            for pos, tok in enumerate(row.prompt):
-                self._put(batch, n, tok, pos, row.slot, pos == len(row.prompt) - 1)
+            if row.skip:  # the template head's cells, computed once per backend
+                self.lc.llama_memory_seq_cp(self.b._mem, self.b.holder, row.slot, -1, -1)
+            for pos in range(row.skip, len(row.prompt)):
+                self._put(batch, n, row.prompt[pos], pos, row.slot, pos == len(row.prompt) - 1)
                 n += 1
             out_index[id(row)] = n - 1
             row.n_past = len(row.prompt)

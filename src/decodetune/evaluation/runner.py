@@ -26,6 +26,7 @@ from decodetune.backends import Backend, as_backend, check_config, requests_of
 from decodetune.cache import GenerationCache, cache_key, open_cache
 from decodetune.config import DecodingConfig
 from decodetune.errors import UserError
+from decodetune.evaluation.candidates import candidate_config, generate_candidates, select_row
 from decodetune.evaluation.result import (
     Comparison,
     EvalResult,
@@ -106,8 +107,10 @@ class _Row:
 
 def _generate(backend: Backend, prompts: list[Any], configs: list[DecodingConfig], seeds: list[int], *,
               batch_size: int | None, progress: bool) -> list[Any]:
-    """The backend call (a module-level seam so tests can substitute the engine)."""
-    return backend.generate(requests_of(prompts, configs, seeds), batch_size=batch_size, progress=progress)
+    """The backend call (a module-level seam so tests can substitute the engine); a candidate strategy's
+    row asks for its candidates (:mod:`decodetune.evaluation.candidates`)."""
+    return generate_candidates(backend, requests_of(prompts, configs, seeds), batch_size=batch_size,
+                               progress=progress)
 
 
 def _gen_to_dict(g: Any) -> dict[str, Any]:
@@ -127,7 +130,7 @@ def _complete(gens: list[Any], keys: list[str], rows: list[_Row],
     out = {}
     for i, key in enumerate(keys):
         seqs = grouped.get(i, [])
-        if seqs and len(seqs) == cfgs[rows[i].config_index].num_return_sequences:
+        if seqs and len(seqs) == candidate_config(cfgs[rows[i].config_index]).num_return_sequences:
             out[key] = sorted(seqs, key=lambda d: d["sequence_index"])
     return out
 
@@ -222,8 +225,9 @@ def evaluate_many(model: Any, task: str | Path | Task, configs: Sequence[ConfigL
     # ---- row records, written before any metric can fail
     records = []
     for r in rows:
-        gen = values[r.key][0]  # sequence 0: the best beam, or the first sample
         it = items[r.item_index]
+        # sequence 0 (the best beam, or the first sample), or the candidate a candidate strategy selects
+        gen, others = select_row(cfgs[r.config_index], values[r.key], task_obj, it.prompt)
         records.append({
             "config_index": r.config_index, "item_id": it.id, "item_index": r.item_index, "repeat": r.repeat,
             "seed": r.seed, "prompt": it.prompt, "prediction": gen["text"],
@@ -231,7 +235,7 @@ def evaluate_many(model: Any, task: str | Path | Task, configs: Sequence[ConfigL
             "finish_reason": gen["finish_reason"], "num_tokens": _num_tokens(gen),
             "token_ids": gen["token_ids"], "num_prompt_tokens": gen["num_prompt_tokens"],
             "gen_s": float(gen["timings"].get("total_s", 0.0)), "cached": r.key in stored,
-            "other_sequences": [g["text"] for g in values[r.key][1:]],
+            "other_sequences": [g["text"] for g in others],
         })
     if output is not None:
         _write_rows(output, records, cfgs)
@@ -301,7 +305,16 @@ def _scorer_loader(backend: Backend, scorer: Any) -> Any:
 
             return load_model(scorer)
         own = getattr(backend, "scorer", None)
-        return own() if own is not None else None
+        if own is not None:
+            return own()
+        # an engine without a torch model (llama.cpp, a server): score with the same model in torch
+        from decodetune.models import load_model
+
+        try:
+            return load_model(backend.model_name)
+        except UserError as e:
+            raise UserError(f"--scorer: backend {backend.name!r} cannot score gen_ppl itself and its model "
+                            f"{backend.model_name!r} does not load in torch ({e}); give --scorer MODEL") from None
 
     return load
 
@@ -332,7 +345,9 @@ def compare(model: Any, task: str | Path | Task, configs: Sequence[ConfigLike], 
     """Evaluate configs on the same items with the same seeds; paired differences vs ``configs[0]``.
 
     Takes :func:`evaluate`'s keyword arguments. Per-item metrics get a Wilcoxon signed-rank test on the
-    per-item differences, corpus metrics a paired bootstrap; both get a paired-bootstrap CI.
+    per-item differences, corpus metrics a paired bootstrap; both get a paired-bootstrap CI. With more
+    than two configs, each metric's p-values against ``configs[0]`` are also Holm-adjusted (``p_holm``):
+    "is any of these k configs better?" asked k times at 0.05 would find a winner by chance too often.
     """
     if len(configs) < 2:
         raise UserError("compare: give at least two configs")
@@ -347,4 +362,10 @@ def compare(model: Any, task: str | Path | Task, configs: Sequence[ConfigLike], 
             p = paired_compare(name, base.scores[name], base.grid, res.scores[name], res.grid,
                                n_boot=n_boot, confidence=confidence, seed=seed)
             diffs.append(PairedDifference(**p.__dict__, config_index=ci))
+    from decodetune.metrics.stats import holm
+
+    for name in base.metrics:  # the family: one metric, every config against the baseline
+        family = [d for d in diffs if d.metric == name]
+        for d, adjusted in zip(family, holm([d.p_value for d in family]), strict=True):
+            d.p_holm = float(adjusted)
     return Comparison(results=results, differences=diffs)
