@@ -1,4 +1,4 @@
-"""`decodetune compare`: several configs on the same items with the same seeds; paired tests vs the first."""
+"""`decodetune compare`: configs on the same items and seeds; paired tests vs the first, Holm-corrected over several."""
 
 from __future__ import annotations
 
@@ -102,13 +102,19 @@ def compare_command(
                                f"{fmt(res.metrics[n].ci_high)}]" for n in names])
     console.print(table)
     diff_table = Table(title=f"paired differences vs {labels[0]} (B - A)")
-    for col in ("config", "metric", "diff", "95% CI", "p", "test", "verdict"):
-        diff_table.add_column(col, justify="right" if col in ("diff", "95% CI", "p") else "left")
+    corrected = cmp.n_comparisons > 1
+    cols = ("config", "metric", "diff", "95% CI", "p", *(("p (Holm)",) if corrected else ()), "test", "verdict")
+    for col in cols:
+        diff_table.add_column(col, justify="right" if col in ("diff", "95% CI", "p", "p (Holm)") else "left")
     for d in cmp.differences:
         direction = first.metrics[d.metric].direction
+        p = d.p_holm if corrected else d.p_value  # the verdict of k comparisons uses the corrected p
         diff_table.add_row(labels[d.config_index], d.metric, fmt(d.diff), f"[{fmt(d.ci_low)}, {fmt(d.ci_high)}]",
-                           fmt(d.p_value, 3), d.test, verdict(d.diff, d.p_value, direction, alpha))
+                           fmt(d.p_value, 3), *((fmt(d.p_holm, 3),) if corrected else ()), d.test,
+                           verdict(d.diff, p, direction, alpha))
     console.print(diff_table)
+    if corrected:
+        console.print(f"{cmp.correction_note}; the verdict uses the Holm p at alpha {alpha}", highlight=False)
 
 
 def verdict(diff: float, p: float, direction: str, alpha: float) -> str:

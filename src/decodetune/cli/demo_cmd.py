@@ -125,6 +125,8 @@ def _verdict(result: object) -> None:
                             f"{p.get('test', 'test')} p = {p['p_value']:.3g}")
     print(f"\ntest split ({test['n_items']} items never seen by the search): tuned {metric} = {tv:.3f} "
           f"vs greedy {bv:.3f}{sig}\ntuned config: {cfg}")
+    if (test.get("power") or {}).get("sentence"):  # how much this split can tell apart at all
+        print(test["power"]["sentence"])
 
 
 def register(app: typer.Typer) -> None:

@@ -129,9 +129,14 @@ class EvalResult:
 
 @dataclass
 class PairedDifference(PairedResult):
-    """A :class:`PairedResult` of ``configs[config_index]`` minus ``configs[0]``."""
+    """A :class:`PairedResult` of ``configs[config_index]`` minus ``configs[0]``.
+
+    ``p_holm`` is ``p_value`` Holm-adjusted over the comparisons of this metric against ``configs[0]``
+    (equal to ``p_value`` with one comparison).
+    """
 
     config_index: int = 0
+    p_holm: float = math.nan
 
 
 @dataclass
@@ -150,13 +155,35 @@ class Comparison:
                 return d
         raise KeyError((config_index, metric))
 
+    @property
+    def n_comparisons(self) -> int:
+        """Comparisons per metric that the Holm correction is over (configs besides the baseline)."""
+        return max(0, len(self.results) - 1)
+
+    @property
+    def correction_note(self) -> str:
+        """'Holm-corrected over N comparisons (per metric, vs configs[0])'; '' with one comparison."""
+        n = self.n_comparisons
+        return f"Holm-corrected over {n} comparisons (per metric, vs the first config)" if n > 1 else ""
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able summary."""
+        """JSON-able summary; each difference has ``p_holm`` right after ``p_value``."""
         return {
             "results": [r.to_dict(per_item=False) for r in self.results],
-            "differences": [{k: (_json_float(v) if isinstance(v, float) else v) for k, v in d.__dict__.items()}
-                            for d in self.differences],
+            "differences": [_difference_dict(d) for d in self.differences],
+            "correction": {"method": "holm", "n_comparisons": self.n_comparisons},
         }
+
+
+def _difference_dict(d: PairedDifference) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.__dict__.items():
+        if k == "p_holm":
+            continue
+        out[k] = _json_float(v) if isinstance(v, float) else v
+        if k == "p_value":
+            out["p_holm"] = _json_float(d.p_holm)
+    return out
 
 
 def json_row(row: dict[str, Any]) -> dict[str, Any]:

@@ -1,9 +1,14 @@
-"""Bootstrap confidence intervals and paired tests over items (and repeats).
+"""Confidence intervals, paired tests, multiple-comparison correction and power over items (and repeats).
 
 Rows are laid out as an (items x repeats) grid of row indices. A bootstrap replicate draws items with
 replacement and, when there are several repeats (sampling configs), draws each chosen item's repeats with
 replacement too (a two-level bootstrap), then recomputes the metric's aggregate under the resulting row
 counts, so corpus-level metrics are recomputed rather than averaged.
+
+A binary per-item metric (every row 0 or 1, one row per item: exact or numeric match of a deterministic
+config) gets a Wilson score interval instead (:func:`bootstrap_ci`). Several configs compared against one
+baseline get Holm-adjusted p-values (:func:`holm`); :func:`min_detectable_effect` and
+:func:`items_to_detect` say how small a paired difference a split of n items can see.
 """
 
 from __future__ import annotations
@@ -53,9 +58,18 @@ def percentile_ci(values: np.ndarray, confidence: float = 0.95) -> tuple[float, 
 
 def bootstrap_ci(scores: MetricScores, grid: np.ndarray, n_boot: int = 1000, confidence: float = 0.95,
                  seed: int = 0) -> tuple[float, float]:
-    """Bootstrap CI of ``scores``' aggregate; ``(nan, nan)`` with ``n_boot=0`` or a single row."""
+    """CI of ``scores``' aggregate; ``(nan, nan)`` with ``n_boot=0`` (no CIs asked) or a single row.
+
+    A binary per-item metric with one row per item gets the Wilson score interval, at every n: the
+    percentile bootstrap of a proportion collapses to zero width when every item is right (or wrong), e.g.
+    [1, 1] for 10 of 10, and under-covers at small n; Wilson keeps close to nominal coverage there and agrees
+    with the bootstrap at large n, so one rule avoids a jump at an arbitrary n threshold. With repeats the
+    item means are not 0/1 and rows of an item are correlated, so the two-level bootstrap stays.
+    """
     if n_boot <= 0 or grid.size < 2:
         return math.nan, math.nan
+    if not scores.is_corpus and grid.shape[1] == 1 and is_binary(scores.per_row):
+        return wilson_ci(int(scores.per_row.sum()), len(scores.per_row), confidence)
     rng = np.random.default_rng(seed)
     w = bootstrap_weights(grid, n_boot, rng)
     return percentile_ci(scores.values(w), confidence)
@@ -132,3 +146,65 @@ def wilcoxon_p(diffs: np.ndarray) -> float:
     if np.all(d == 0):
         return 1.0
     return float(wilcoxon(d, zero_method="wilcox", alternative="two-sided").pvalue)
+
+
+def is_binary(values: np.ndarray) -> bool:
+    """Every value is exactly 0 or 1 (no NaN): a proportion."""
+    v = np.asarray(values, dtype=float)
+    return v.size > 0 and bool(np.all((v == 0) | (v == 1)))
+
+
+def wilson_ci(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion (scipy's ``binomtest(...).proportion_ci``)."""
+    from scipy.stats import binomtest
+
+    if n < 1:
+        return math.nan, math.nan
+    ci = binomtest(int(successes), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def holm(p_values: list[float] | np.ndarray) -> np.ndarray:
+    """Holm-Bonferroni adjusted p-values, in the input order (NaNs stay NaN and are not counted).
+
+    The i-th smallest of m p-values is multiplied by (m - i + 1), then a running maximum keeps the
+    adjusted values in the same order as the raw ones, capped at 1. scipy has no Holm (only
+    ``false_discovery_control``), and statsmodels is not a dependency, hence these few lines.
+    """
+    p = np.asarray(p_values, dtype=float)
+    out = np.full(p.shape, math.nan)
+    ok = ~np.isnan(p)
+    m = int(ok.sum())
+    if m == 0:
+        return out
+    vals = p[ok]
+    order = np.argsort(vals, kind="stable")
+    adjusted = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * vals[order]))
+    res = np.empty(m)
+    res[order] = adjusted
+    out[ok] = res
+    return out
+
+
+def _z_sum(alpha: float, power: float) -> float:
+    from scipy.stats import norm
+
+    return float(norm.ppf(1 - alpha / 2) + norm.ppf(power))
+
+
+def min_detectable_effect(sd_diff: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """Smallest mean paired difference a two-sided test at ``alpha`` finds with probability ``power``.
+
+    Normal approximation for a paired design: ``(z_{1-alpha/2} + z_power) * sd_diff / sqrt(n)``, with
+    ``sd_diff`` the standard deviation of the per-item differences (2.80 * sd / sqrt(n) at the defaults).
+    """
+    if n < 1 or not math.isfinite(sd_diff):
+        return math.nan
+    return _z_sum(alpha, power) * float(sd_diff) / math.sqrt(n)
+
+
+def items_to_detect(effect: float, sd_diff: float, alpha: float = 0.05, power: float = 0.8) -> int | None:
+    """Items needed to detect a true mean difference ``effect`` (same approximation); None for effect 0."""
+    if not math.isfinite(effect) or effect == 0 or not math.isfinite(sd_diff):
+        return None
+    return max(2, math.ceil((_z_sum(alpha, power) * float(sd_diff) / abs(effect)) ** 2))

@@ -2,8 +2,10 @@
 
 The winner (or the first Pareto-optimal configs) is compared with greedy decoding and, when the model ships
 one, its own ``generation_config``, on the test split that the search never saw, with the paired test of
-:func:`decodetune.eval.compare`. The table, the dev-to-test gap and a few example generations are stored
-in the study's user attributes (``final``), so that ``decodetune report`` needs nothing but the storage.
+:func:`decodetune.eval.compare` (Holm-adjusted over the tuned configs when several are checked). The
+table, the dev-to-test gap, the minimum detectable effect of the split (:func:`power_note`) and a few
+example generations are stored in the study's user attributes (``final``), so that ``decodetune report``
+needs nothing but the storage.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from decodetune.config import DecodingConfig
 from decodetune.io import write_json
@@ -24,6 +28,8 @@ if TYPE_CHECKING:
 MAX_PARETO_CHECKED = 4
 N_EXAMPLES = 4
 _CLIP = 400
+#: significance level and power the minimum detectable effect is stated at
+ALPHA, POWER = 0.05, 0.8
 
 
 def model_generation_config(loaded: Any) -> DecodingConfig | None:
@@ -71,9 +77,64 @@ def final_check(loaded: Any, task: Any, study: Any, splits: Splits, objectives: 
     examples = _examples(results, [n for n, _ in defaults][:1] + [n for n, _ in tuned][:1])
     final = {"split": splits.test, "n_items": len(splits.test_indices), "held_out": splits.held_out,
              "objectives": [str(o) for o in objectives], "rows": rows, "dev_to_test_gap": gap,
-             "examples": examples}
+             "examples": examples,
+             "power": power_note(results[defaults[0][0]], results[tuned[0][0]], objectives[0].metric,
+                                 _test_items_available(task)) if tuned else None}
     study.set_user_attr("final", final)
     return final
+
+
+def power_note(ref: Any, tuned: Any, metric: str, n_available: int | None, alpha: float = ALPHA,
+               power: float = POWER) -> dict[str, Any] | None:
+    """Minimum detectable effect of the test split for ``metric``, and the items the observed effect needs.
+
+    Paired design, two-sided ``alpha``, ``power``, normal approximation, from the observed standard deviation
+    of the per-item differences (tuned minus reference): ``MDE = (z_{1-alpha/2} + z_power) * sd / sqrt(n)``.
+    The reported p-value is Wilcoxon's; the MDE is the t/normal test's, which is close enough to size a
+    split. ``suggested_limit`` is the ``--limit`` (items per split) at which the observed difference would be
+    detected with that power; None when it already is, or when it is zero. None for a corpus metric.
+    """
+    from decodetune.metrics.stats import items_to_detect, min_detectable_effect
+
+    try:
+        a = np.asarray(ref.per_item(metric), dtype=float)
+        b = np.asarray(tuned.per_item(metric), dtype=float)
+    except (KeyError, TypeError, ValueError):
+        return None
+    d = (b - a)[~(np.isnan(a) | np.isnan(b))]
+    n = int(d.size)
+    if n < 2:
+        return None
+    sd, observed = float(np.std(d, ddof=1)), float(np.mean(d))
+    mde = min_detectable_effect(sd, n, alpha, power)
+    need = items_to_detect(observed, sd, alpha, power)
+    if sd == 0:
+        sentence = (f"with {n} test items every per-item difference is {observed:+.3g}: there is no spread to "
+                    "size a minimum detectable effect from")
+        need = None
+    else:
+        sentence = f"with {n} test items a difference below {mde:.2g} cannot be told from noise"
+        if need is None:
+            sentence += "; the observed difference is 0"
+        elif need <= n:
+            sentence += f"; the observed {observed:+.2g} is above it"
+            need = None
+        else:
+            sentence += f"; to detect the observed {observed:+.2g} use --limit {need}"
+            if n_available is not None and need > n_available:
+                sentence += f" (the test split has only {n_available} items)"
+    return {"metric": metric, "n_items": n, "sd_diff": sd, "observed_diff": observed, "mde": mde,
+            "alpha": alpha, "power": power, "suggested_limit": need, "sentence": sentence}
+
+
+def _test_items_available(task: Any) -> int | None:
+    """Test items with no ``--limit`` (a one-split task keeps its held-out half)."""
+    from decodetune.tuning.runner import make_splits
+
+    try:
+        return len(make_splits(task, None, 0).test_indices)
+    except Exception:  # a task that can't list its items: the sentence just leaves the cap out
+        return None
 
 
 def _results_of(cmp: Any) -> list[Any]:
@@ -84,7 +145,7 @@ def _results_of(cmp: Any) -> list[Any]:
 
 
 def _diffs_of(cmp: Any, metrics: list[str], n: int) -> list[dict[str, Any]]:
-    """Per tuned config: {metric: {diff, ci_low, ci_high, p_value, test}} against configs[0]."""
+    """Per tuned config: {metric: {diff, ci_low, ci_high, p_value, p_holm, test}} against configs[0]."""
     out: list[dict[str, Any]] = [{} for _ in range(n)]
     table = getattr(cmp, "differences", None) or getattr(cmp, "diffs", None) or []
     for entry in table:
@@ -92,8 +153,8 @@ def _diffs_of(cmp: Any, metrics: list[str], n: int) -> list[dict[str, Any]]:
         idx = int(d.get("index", d.get("config_index", 0))) - 1
         metric = d.get("metric")
         if 0 <= idx < n and metric in metrics:
-            out[idx][metric] = {k: _json(d.get(k)) for k in ("diff", "ci_low", "ci_high", "p_value", "test")
-                                if k in d}
+            keys = ("diff", "ci_low", "ci_high", "p_value", "p_holm", "test")
+            out[idx][metric] = {k: _json(d.get(k)) for k in keys if k in d}
     return out
 
 
