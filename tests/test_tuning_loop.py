@@ -90,23 +90,61 @@ def test_interrupt_leaves_storage_usable_and_rerun_completes(run, tmp_path):
 def test_wilcoxon_pruning_stops_bad_trials_and_never_picks_them(run, tmp_path):
     res, ev = run(search="random", n_trials=16, batch_trials=4, seed=3)
     study = load(tmp_path, res.study_name)
-    done = study.get_trials(states=(TrialState.COMPLETE,))
-    pruned = [t for t in done if t.user_attrs["pruned"]]
+    done = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+    assert len(done) == 16  # pruned trials count toward --trials
+    pruned = [t for t in done if t.state == TrialState.PRUNED]
     assert pruned, "expected some pruned trials on a space with clearly bad configs"
+    assert all(t.user_attrs["pruned"] for t in pruned)
+    assert not any(t.user_attrs["pruned"] for t in done if t.state == TrialState.COMPLETE)
     assert res.stats.trials_pruned == len(pruned) and res.stats.tokens_saved_by_pruning > 0
     for t in pruned:
         n = t.user_attrs["items_evaluated"]
         assert n < 40 and len(t.intermediate_values) == n
-        assert t.values[0] == pytest.approx(sum(t.intermediate_values.values()) / n)
-        assert t.values[0] < res.best_trial.values[0]
-    assert not res.best_trial.user_attrs["pruned"]
-    full = [t for t in done if not t.user_attrs["pruned"]]
+        # the running mean is kept where decodetune reads it; Optuna's value is only its last step's
+        mean = t.user_attrs["metrics"]["exact_match"]["value"]
+        assert mean == pytest.approx(sum(t.intermediate_values.values()) / n)
+        assert mean < res.best_trial.values[0]
+        assert "per_item" not in t.user_attrs  # only fully evaluated trials are paired by importance
+    assert res.best_trial.state == TrialState.COMPLETE and not res.best_trial.user_attrs["pruned"]
+    assert study.best_trial.state == TrialState.COMPLETE  # Optuna (and its pruner) pair against a full one
+    assert study.best_trial.values[0] == res.best_trial.values[0]
+    full = [t for t in done if t.state == TrialState.COMPLETE]
     assert all(len(t.intermediate_values) == 40 for t in full)  # what the pruner pairs against
+    for t in full:  # per-item scores in dev order: what the step-indexed intermediate values say
+        assert t.user_attrs["per_item"] == [int(t.intermediate_values[i]) for i in range(40)]
     # items are visited in a shuffled order that differs between batches; chunks of one batch are disjoint
     chunks = [c["indices"] for c in ev.calls if c["split"] == "dev" and c["n_items"] < 40]
     assert chunks[0] != sorted(chunks[0]) and set(chunks[0]).isdisjoint(chunks[1])
     assert len({tuple(c) for c in chunks}) == len(chunks)
     assert study.user_attrs["totals"]["tokens_saved_by_pruning"] == round(res.stats.tokens_saved_by_pruning)
+
+
+GRID_BAD = {"strategy": ["greedy", "sample"], "temperature": [0.02, 0.03, 8.0], "top_p": [0.9]}  # greedy + 3 hopeless
+
+
+def test_pruned_grid_points_count_as_explored(run, tmp_path):
+    res, _ = run(search="grid", space=GRID_BAD, n_trials=50, batch_trials=1)
+    study = load(tmp_path, res.study_name)
+    states = [t.state for t in study.trials]
+    assert states.count(TrialState.PRUNED) >= 2 and len(states) == 4, states
+    assert res.stats.stop_reason == "grid exhausted" and res.best_trial.params["strategy"] == "greedy"
+    res2, ev2 = run(search="grid", space=GRID_BAD, n_trials=50, batch_trials=1)
+    assert [c for c in ev2.calls if c["split"] == "dev"] == []  # a pruned point is not run again
+    assert len(load(tmp_path, res.study_name).trials) == 4
+
+
+def test_status_and_report_count_pruned_trials(run, tmp_path):
+    from decodetune.cli.status_cmd import study_status
+    from decodetune.tuning.report import collect
+
+    res, _ = run(search="grid", space=GRID_BAD, n_trials=50, batch_trials=1)
+    study = load(tmp_path, res.study_name)
+    n_pruned = len(study.get_trials(states=(TrialState.PRUNED,)))
+    info = study_status(study)
+    assert info["pruned"] == n_pruned and info["complete"] == 4 - n_pruned
+    d = collect(study)
+    assert (d["n_complete"], d["n_pruned"]) == (4 - n_pruned, n_pruned)
+    assert d["ranked"][0].number == res.best_trial.number and d["ranked"][-1].state == TrialState.PRUNED
 
 
 def test_failing_trial_is_marked_failed_and_study_goes_on(run, tmp_path):

@@ -75,7 +75,7 @@ def test_every_search_kind(echo, tmp_path, search, space, objectives):
     res = tune(lm, task, search=search, n_trials=4, space=space, objectives=objectives, out_dir=tmp_path,
                batch_trials=2, seed=0, repeats=2 if search == "gp" else 1)
     study = study_of(tmp_path, res.study_name)
-    done = study.get_trials(states=(TrialState.COMPLETE,))
+    done = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))  # pruned ones count too
     assert len(done) == (3 if search == "grid" else 4)  # the grid has 3 points
     # the first trial is the default config (greedy / T=1 sampling), it scores what evaluate() says
     first = done[0]
@@ -111,8 +111,9 @@ def test_pruning_and_cache_on_real_generations(echo, tmp_path):
     res = tune(lm, task, search="grid", space=space, n_trials=10, out_dir=tmp_path, batch_trials=1,
                final_test=False)
     study = study_of(tmp_path, res.study_name)
-    done = study.get_trials(states=(TrialState.COMPLETE,))
-    pruned = [t for t in done if t.user_attrs["pruned"]]
+    done = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+    pruned = [t for t in done if t.state == TrialState.PRUNED]
+    assert all(t.user_attrs["pruned"] for t in pruned)
     assert done[0].params["strategy"] == "greedy" and not done[0].user_attrs["pruned"]
     assert pruned, [t.values for t in done]
     assert res.stats.tokens_saved_by_pruning > 0

@@ -36,7 +36,11 @@ def status_command(
 
 
 def study_status(study: Any) -> dict[str, Any]:
-    """Counts by state (pruned trials are COMPLETE with ``pruned`` set), best so far and throughput."""
+    """Counts by state, best so far and throughput.
+
+    Pruned trials are PRUNED; studies written before that stored them COMPLETE with ``pruned`` set, and
+    count as pruned too.
+    """
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
@@ -55,7 +59,7 @@ def study_status(study: Any) -> dict[str, Any]:
                     best_params=best.user_attrs.get("config") or best.params)
     elif complete:
         info["best_trial"] = f"{len(study.best_trials)} Pareto-optimal trials"
-    finished = [t for t in by[TrialState.COMPLETE] if t.datetime_start and t.datetime_complete]
+    finished = [t for t in by[TrialState.COMPLETE] + by[TrialState.PRUNED] if t.datetime_start and t.datetime_complete]
     if finished:
         start = min(t.datetime_start for t in finished)
         end = max(t.datetime_complete for t in finished)

@@ -62,15 +62,19 @@ class TuneResult:
 
 
 def finished_trials(study: Any) -> list[Any]:
-    """COMPLETE trials (pruned ones included: they were told their running mean)."""
+    """COMPLETE and PRUNED trials: what counts toward ``n_trials`` and the token budget."""
     from optuna.trial import TrialState
 
-    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
 
 
 def best_trials(study: Any, objectives: list[Objective]) -> list[Any]:
     """Fully evaluated best trial (one objective) or the Pareto front of fully evaluated trials."""
-    done = [t for t in finished_trials(study) if not t.user_attrs.get("pruned") and t.values is not None]
+    from optuna.trial import TrialState
+
+    # the attribute: studies written before pruned trials were stored as PRUNED
+    done = [t for t in finished_trials(study) if t.state == TrialState.COMPLETE and not t.user_attrs.get("pruned")
+            and t.values is not None]
     if not done:
         return []
     if len(objectives) == 1:
@@ -219,7 +223,10 @@ def tune(model: Any, task: Any, *, search: str = "tpe", n_trials: int = 20,
         values = trial_values(attrs, objs)
         for k, v in attrs.items():
             trial.set_user_attr(k, v)
-        if values is None:
+        if attrs.get("pruned"):  # PRUNED, not a COMPLETE partial mean: see tuning/runner.py's docstring
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            stats.trials_told += 1
+        elif values is None:
             trial.set_user_attr("error", "objective value is missing or not finite")
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             stats.trials_failed += 1
@@ -356,14 +363,14 @@ def _capabilities_of(backend: Any, options: Any) -> Any:
 
 def _unexplored(study: Any, space: SearchSpace, points: list[dict[str, Any]],
                 skip: set[tuple] | None = None) -> list[dict[str, Any]]:
-    """Grid points no trial has covered yet (finished, running or waiting: other workers' too).
+    """Grid points no trial has covered yet (complete, pruned, running or waiting: other workers' too).
 
     Failed points are tried again (an interrupted run's trials are failed), except those in ``skip``.
     """
     from optuna.trial import TrialState
 
     taken = set(skip or ())
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING,
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING,
                                                       TrialState.WAITING)):
         # an enqueued point carries fixed_params from the start; its params only appear once suggested,
         # which another worker may not have done yet (a retried stale trial carries params only)

@@ -1,15 +1,16 @@
 """One self-contained HTML report of a study, and the terminal summary, from the storage alone.
 
-Everything comes from the study: trial params/values/user attributes (metrics with CIs, tokens, pruning)
-and study user attributes written by :func:`decodetune.tuning.tune` (model, task, objectives, totals, and
-``final``: the test-split comparison, dev-to-test gap and example generations). Plots are Optuna's
-plotly figures; plotly.js is inlined once, so the page opens offline.
+Everything comes from the study: trial params/values/user attributes (metrics with CIs, tokens, pruning,
+per-item dev scores) and study user attributes written by :func:`decodetune.tuning.tune` (model, task,
+objectives, totals, and ``final``: the test-split comparison, dev-to-test gap, minimum detectable effect and
+example generations). Both start with the headline (:mod:`decodetune.tuning.headline`), show configs as
+short ``k=v`` text, and say which knobs matter (:mod:`decodetune.tuning.importance`). Plots are
+Optuna's plotly figures, sized to the page; plotly.js is inlined once, so the page opens offline.
 """
 
 from __future__ import annotations
 
 import html
-import json
 import math
 import warnings
 from pathlib import Path
@@ -66,50 +67,108 @@ def _ci(m: dict[str, Any] | None) -> str:
     return s
 
 
+def is_pruned(t: Any) -> bool:
+    """PRUNED, or (studies written before pruned trials were stored PRUNED) COMPLETE with ``pruned`` set."""
+    from optuna.trial import TrialState
+
+    return t.state == TrialState.PRUNED or bool(t.user_attrs.get("pruned"))
+
+
+def _dev_value(t: Any, objs: list[tuple[str, str]]) -> float:
+    """The first objective's dev value: a pruned trial's running mean is in its metrics, not its value."""
+    v = (t.user_attrs.get("metrics", {}).get(objs[0][0]) or {}).get("value")
+    if v is None and t.values:
+        v = t.values[0]
+    return float(v) if v is not None and math.isfinite(float(v)) else math.nan
+
+
 def collect(study: Any) -> dict[str, Any]:
     """Plain data the HTML page and the terminal summary both show."""
     from optuna.trial import TrialState
 
     from decodetune.tuning.core import best_trials
+    from decodetune.tuning.headline import headline
     from decodetune.tuning.objectives import Objective
 
     objs = _objectives(study)
     trials = study.get_trials(deepcopy=False)
-    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     winners = best_trials(study, [Objective(n, d) for n, d in objs])
     sign = 1 if objs[0][1] == "max" else -1
-    ranked = sorted(done, key=lambda t: (t.user_attrs.get("pruned", False), -sign * t.values[0]))
+
+    def rank(t: Any) -> tuple[bool, float]:
+        v = _dev_value(t, objs)
+        return is_pruned(t), (-sign * v if math.isfinite(v) else math.inf)
+
+    attrs = dict(study.user_attrs)
     return {
-        "name": study.study_name, "attrs": dict(study.user_attrs), "objectives": objs,
-        "n_complete": sum(1 for t in done if not t.user_attrs.get("pruned")),
-        "n_pruned": sum(1 for t in done if t.user_attrs.get("pruned")),
+        "name": study.study_name, "attrs": attrs, "objectives": objs,
+        "n_complete": sum(1 for t in done if not is_pruned(t)),
+        "n_pruned": sum(1 for t in done if is_pruned(t)),
         "n_failed": sum(1 for t in trials if t.state == TrialState.FAIL),
         "n_running": sum(1 for t in trials if t.state == TrialState.RUNNING),
-        "best": winners, "ranked": ranked, "done": done,
+        "best": winners, "ranked": sorted(done, key=rank), "done": done,
         "failed": [t for t in trials if t.state == TrialState.FAIL],
+        "headline": headline(attrs.get("final"), objs), "knobs": _knobs(study),
     }
 
 
+def _knobs(study: Any) -> list[Any]:
+    """Importance and equivalence verdicts per parameter; [] if they can't be computed (never fails a report)."""
+    from decodetune.tuning.importance import knob_verdicts
+
+    try:
+        return knob_verdicts(study)
+    except Exception:  # a report without the table beats no report
+        return []
+
+
 def _trial_row(t: Any, objs: list[tuple[str, str]]) -> list[str]:
+    from decodetune.tuning.headline import short_config
+
     metrics = t.user_attrs.get("metrics", {})
     vals = [_ci(metrics.get(n)) for n, _ in objs]
-    flags = f"pruned after {t.user_attrs.get('items_evaluated')} items" if t.user_attrs.get("pruned") else ""
+    flags = f"pruned after {t.user_attrs.get('items_evaluated')} items" if is_pruned(t) else ""
     if t.user_attrs.get("baseline"):
         flags = (flags + "; " if flags else "") + "default config"
     cfg = t.user_attrs.get("config") or t.params
-    return [str(t.number), *vals, ", ".join(f"{k}={_fmt(v)}" for k, v in cfg.items()),
-            str(t.user_attrs.get("tokens_generated", "")), flags]
+    return [str(t.number), *vals, short_config(cfg), str(t.user_attrs.get("tokens_generated", "")), flags]
+
+
+def _knob_rows(knobs: list[Any]) -> list[list[str]]:
+    """Rows of the which-knobs-matter table (the same in the terminal and the page)."""
+    from decodetune.tuning.headline import short_value
+
+    rows = []
+    for k in knobs:
+        pair = (f"#{k.trial_a} ({short_value(k.value_a)}) vs #{k.trial_b} ({short_value(k.value_b)})"
+                if k.trial_a is not None else "no pair differing mainly in it")
+        diff = f"{k.diff:+.3g}" if k.diff is not None else "–"
+        rows.append([k.param, _fmt(k.importance, 3), k.verdict, pair, diff,
+                     f"±{k.margin:.3g}" if k.margin is not None else "–", _fmt(k.p_diff, 3), _fmt(k.p_tost, 3),
+                     str(k.n_items or "–")])
+    return rows
+
+
+KNOB_HEADER = ["parameter", "importance (PED-ANOVA)", "verdict", "trials compared", "Δ (b − a)", "margin",
+               "p (diff, Holm)", "p (TOST, Holm)", "items"]
+_KNOB_NOTE = ("Per parameter: Optuna's PED-ANOVA importance, and the two fully evaluated trials that differ "
+              "most in it and least in the rest, compared item by item on the dev split: a paired t-test for a "
+              "difference and two one-sided tests (TOST) for equivalence within the margin (2% of the metric's "
+              "range), both Holm-corrected over the parameters.")
 
 
 # ============================================================ terminal
 def print_summary(study: Any, console: Any = None, top: int = 8) -> None:
-    """Rich tables: best trials, totals, and the test-split comparison when there is one."""
+    """The headline, then rich tables: best trials, totals, the test-split comparison, which knobs matter."""
     from rich.console import Console
     from rich.table import Table
 
     console = console or Console()
     d = collect(study)
     objs = d["objectives"]
+    if d["headline"]:
+        console.print(f"[bold]{d['headline']}[/]", highlight=False)
     table = Table(title=f"study {d['name']}: best trials on {d['attrs'].get('dev_split', 'dev')}")
     for col in ["#", *[f"{n} ({dr})" for n, dr in objs], "config", "tokens", "note"]:
         table.add_column(col, overflow="fold")
@@ -128,21 +187,40 @@ def print_summary(study: Any, console: Any = None, top: int = 8) -> None:
         for n, _ in objs:
             ft.add_column(n)
             ft.add_column(f"Δ {n} vs default [95% CI]")
-            ft.add_column("p")
+            ft.add_column("p (Holm)")
         for row in final["rows"]:
             cells = [row["name"] + (f" vs {row['vs']}" if row.get("vs") else "")]
             for n, _ in objs:
                 p = row.get("paired", {}).get(n, {})
-                cells += [_ci(row["metrics"].get(n)), _diff(p), _fmt(p.get("p_value"), 3) if p else ""]
+                cells += [_ci(row["metrics"].get(n)), _diff(p), _p_cell(p)]
             ft.add_row(*cells)
         console.print(ft)
         for name, gap in (final.get("dev_to_test_gap") or {}).items():
             console.print(f"dev-to-test gap of {name}: "
                           + ", ".join(f"{k} {_fmt(v, 3)}" for k, v in gap.items()))
+        if (final.get("power") or {}).get("sentence"):
+            console.print(final["power"]["sentence"], highlight=False)
+    if d["knobs"]:
+        kt = Table(title=f"which knobs matter ({d['attrs'].get('dev_split', 'dev')}, paired per-item scores)")
+        for col in KNOB_HEADER:
+            kt.add_column(col, overflow="fold")
+        for r in _knob_rows(d["knobs"]):
+            kt.add_row(*r)
+        console.print(kt)
     if d["attrs"].get("final_error"):
         console.print(f"[yellow]test-split check failed: {d['attrs']['final_error']}[/]")
     for line in export_lines(d["attrs"]):
         console.print(f"[yellow]{line}[/]", highlight=False)
+
+
+def _p_cell(p: dict[str, Any]) -> str:
+    """'0.012' or, when Holm changed it, '0.024 (raw 0.012)'; '' without a paired test."""
+    if not p:
+        return ""
+    raw, adj = p.get("p_value"), p.get("p_holm")
+    if adj is None or raw is None or math.isclose(adj, raw):
+        return _fmt(raw if raw is not None else adj, 3)
+    return f"{_fmt(adj, 3)} (raw {_fmt(raw, 3)})"
 
 
 def export_lines(attrs: dict[str, Any]) -> list[str]:
@@ -178,6 +256,7 @@ def _figures(study: Any, d: dict[str, Any]) -> list[tuple[str, Any]]:
         except Exception as e:  # e.g. importances need 2+ trials that vary a parameter
             figs.append((title, f"not available: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
             return
+        fig.update_layout(width=None, autosize=True)  # the page width, not a fixed 300 px per slice
         figs.append((title, fig))
 
     if len(d["done"]) < 1:
@@ -219,7 +298,9 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;padding:4px 8px;
 vertical-align:top;text-align:left}th{background:#f3f3f3}pre{white-space:pre-wrap;margin:0}
-.note{color:#666}h2{margin-top:2em}"""
+.note{color:#666}h2{margin-top:2em}.headline{font-size:1.25em;font-weight:600;padding:.6em .8em;
+background:#eef6ee;border-left:4px solid #3a3}.plotly-graph-div{max-width:100%}table{max-width:100%}
+td{overflow-wrap:anywhere}"""
 
 
 def render_html(study: Any) -> str:
@@ -229,7 +310,11 @@ def render_html(study: Any) -> str:
     d = collect(study)
     a, objs = d["attrs"], d["objectives"]
     totals = a.get("totals", {})
+    from decodetune.tuning.headline import short_config
+
     parts = [f"<h1>decodetune study {html.escape(d['name'])}</h1>"]
+    if d["headline"]:
+        parts.append(f"<p class=headline id=headline>{html.escape(d['headline'])}</p>")
     info = [["model", str(a.get("model", ""))], ["backend (measured every score)", str(a.get("backend", "torch"))],
             ["task", str(a.get("task", ""))],
             ["search", str(a.get("search", ""))], ["objectives", ", ".join(f"{n} ({dr})" for n, dr in objs)],
@@ -238,7 +323,7 @@ def render_html(study: Any) -> str:
             ["generated tokens", str(totals.get("tokens_generated", ""))],
             ["tokens saved by pruning (estimate)", str(totals.get("tokens_saved_by_pruning", ""))],
             ["rows served from the cache", str(totals.get("cache_hits", ""))]]
-    parts.append(_table(["", ""], info))
+    parts.append(_table(["what", "value"], info))
     if d["best"]:
         title = "Best config" if len(objs) == 1 else "Pareto-optimal configs"
         parts.append(f"<h2>{title} (dev)</h2>")
@@ -251,13 +336,13 @@ def render_html(study: Any) -> str:
             parts.append("<p class=note>The task has one split; the tuner kept half of it out of the search.</p>")
         header = ["config", "vs"]
         for n, _ in objs:
-            header += [f"{n} [95% CI]", f"Δ {n} [95% CI]", "p-value", "test"]
+            header += [f"{n} [95% CI]", f"Δ {n} [95% CI]", "p-value (Holm)", "test"]
         rows = []
         for row in final["rows"]:
-            cells = [f"{row['name']}: {json.dumps(row['config'])}", row.get("vs") or ""]
+            cells = [f"{row['name']}: {short_config(row['config'])}", row.get("vs") or "–"]
             for n, _ in objs:
                 p = row.get("paired", {}).get(n, {})
-                cells += [_ci(row["metrics"].get(n)), _diff(p), _fmt(p.get("p_value"), 3) if p else "",
+                cells += [_ci(row["metrics"].get(n)), _diff(p), _p_cell(p),
                           str(p.get("test", "")) if p else ""]
             rows.append(cells)
         parts.append(f"<p>{final['n_items']} items of split {html.escape(final['split'])}, never seen by the "
@@ -265,6 +350,9 @@ def render_html(study: Any) -> str:
         parts.append(_table(header, rows))
         gap_rows = [[name, ", ".join(f"{k}: dev − test = {_fmt(v, 3)}" for k, v in gap.items())]
                     for name, gap in (final.get("dev_to_test_gap") or {}).items()]
+        if (final.get("power") or {}).get("sentence"):
+            parts.append(f"<p id=power>{html.escape(final['power']['sentence'])} (paired, two-sided alpha "
+                         f"{final['power'].get('alpha', 0.05)}, power {final['power'].get('power', 0.8)}).</p>")
         parts.append("<h3>Dev-to-test gap</h3>" + _table(["config", "gap"], gap_rows))
         ex = final.get("examples") or []
         if ex:
@@ -276,6 +364,10 @@ def render_html(study: Any) -> str:
     else:
         parts.append("<p class=note>No test-split check stored"
                      + (f": {html.escape(a['final_error'])}" if a.get("final_error") else "") + ".</p>")
+    if d["knobs"]:
+        parts.append("<h2>Which knobs matter</h2>")
+        parts.append(f"<p class=note>{_KNOB_NOTE}</p>")
+        parts.append(_table(KNOB_HEADER, _knob_rows(d["knobs"])))
     targets = (a.get("exports") or {}).get("targets") or {}
     if targets:
         parts.append("<h2>Exports of the winner</h2>")

@@ -9,8 +9,20 @@ Cost control, in order of how much it saves:
 * **Pruning** (one per-item objective): items are evaluated in chunks, in a shuffled order; after each
   chunk every trial reports its per-item scores (``step`` = the item's index in the split) and
   :class:`optuna.pruners.WilcoxonPruner` stops trials that are significantly worse than the best one.
-  A pruned trial is told its running mean (Optuna's advice for this pruner: TPE learns from it) and is
-  marked ``pruned`` in its user attributes; it is never chosen as the best config.
+
+Pruned trials are stored as ``TrialState.PRUNED``, with their running mean in
+``user_attrs["metrics"]`` and ``user_attrs["pruned"] = True``. Why not COMPLETE with the running mean, as
+Optuna suggests for this pruner: a mean over the first chunks is not comparable with full-dev means (other
+items), and as COMPLETE it is an ordinary point to everything that reads the storage without knowing our
+attribute: optimisation-history and slice plots, importances, ``study.best_trial`` (which the pruner
+itself pairs against) and optuna-dashboard. TPE still learns from PRUNED trials (it puts them in its
+"bad" group after the complete ones); GP and CMA-ES ignore them, which only costs them the knowledge that
+a region is bad. Optuna stores the last intermediate value (one item's score) as a PRUNED trial's value;
+decodetune never reads it.
+
+Fully evaluated trials also store their per-item scores of the first objective (``user_attrs
+["per_item"]``, aligned to the dev item indices in split order) for the equivalence tests of
+:mod:`decodetune.tuning.importance`.
 
 Everything a report needs is stored in the study (trial and study user attributes), so ``decodetune
 report`` works from the storage alone.
@@ -118,6 +130,23 @@ def summarize_result(result: Any, objectives: list[Objective]) -> dict[str, Any]
     }
 
 
+def compact_scores(values: Any) -> list[float | int | None]:
+    """Per-item scores as stored in a trial: 0/1 as ints, others to 6 significant digits, NaN as None.
+
+    Short because it is JSON in every trial row of the storage (a 0/1 metric costs 2 bytes an item).
+    """
+    out: list[float | int | None] = []
+    for v in values:
+        v = float(v)
+        if not math.isfinite(v):
+            out.append(None)
+        elif v.is_integer():
+            out.append(int(v))
+        else:
+            out.append(float(f"{v:.6g}"))
+    return out
+
+
 def _f(v: Any) -> float | None:
     if v is None:
         return None
@@ -210,6 +239,7 @@ class TrialBatchEvaluator:
                 continue
             attrs = summarize_result(res, self.objectives)
             attrs["pruned"] = False
+            attrs["per_item"] = compact_scores(res.per_item(obj.metric))
             attrs["tokens_generated"] += generated[i]  # chunks generated before the full call
             self.stats.tokens_evaluated += attrs["tokens_evaluated"]
             if self.pruning:
