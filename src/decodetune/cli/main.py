@@ -23,8 +23,8 @@ except ImportError:  # pragma: no cover - depends on the installed typer
     from click import exceptions as click_errors
 
 #: Command modules, in the order ``--help`` lists them. Missing ones are skipped.
-COMMAND_MODULES = ["generate", "models", "tasks", "eval", "compare", "tune", "report", "demo", "status",
-                   "worker", "verify", "distill", "augment"]
+COMMAND_MODULES = ["generate", "models", "tasks", "eval", "compare", "compare_samplers", "tune", "report", "demo",
+                   "status", "worker", "verify", "distill", "augment"]
 
 app = typer.Typer(
     name="decodetune",
