@@ -36,6 +36,9 @@ def config_key_fields(config: DecodingConfig) -> dict[str, Any]:
     """The config fields that can change the generated tokens (seed handled separately)."""
     d = config.to_dict()
     d.pop("seed", None)
+    if not config.is_candidate:  # (always at their defaults there) keys from before these fields stay valid
+        for name in ("num_candidates", "mbr_utility", "rerank"):
+            d.pop(name, None)
     if config.strategy == "greedy":
         for name in _SAMPLER_FIELDS:
             d.pop(name, None)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,16 @@ import yaml
 
 from decodetune.errors import ConfigError, UserError
 
-STRATEGIES = ("greedy", "beam", "sample", "beam_sample")
+#: Strategies the engines run themselves.
+ENGINE_STRATEGIES = ("greedy", "beam", "sample", "beam_sample")
+#: Strategies that sample ``num_candidates`` sequences per prompt (with the config's own sampling fields)
+#: and select one (:mod:`decodetune.evaluation.candidates`); no serving engine has them.
+CANDIDATE_STRATEGIES = ("self_consistency", "mbr", "best_of_n")
+STRATEGIES = ENGINE_STRATEGIES + CANDIDATE_STRATEGIES
+#: Built-in MBR utilities (``mbr_utility``); a ``pkg.module:function(hypothesis, reference) -> float`` also works.
+MBR_UTILITIES = ("chrf", "bleu", "rouge_l", "token_f1")
+#: Built-in best-of-n rerankers (``rerank``); a ``pkg.module:function(prompt, candidates) -> list[float]`` also works.
+RERANKERS = ("mean_logprob",)
 
 #: Default order of the distribution-shaping samplers (transformers' order). Penalties and
 #: ``no_repeat_ngram_size`` always run before these; llama.cpp puts temperature last instead.
@@ -33,9 +43,14 @@ ALIASES = {"beam_size": "num_beams"}
 class DecodingConfig:
     """How to decode. Unset sampling fields are neutral (``top_k=0``, ``top_p=1.0``... mean off).
 
-    ``strategy`` is one of greedy | beam | sample | beam_sample. ``temperature=0`` with ``sample``
-    is greedy decoding (the limit of softmax(logits / T) as T -> 0). ``beam`` and ``beam_sample`` need
-    ``num_beams >= 2``; the other strategies take ``num_beams = 1``.
+    ``strategy`` is one of greedy | beam | sample | beam_sample | self_consistency | mbr | best_of_n.
+    ``temperature=0`` with ``sample`` is greedy decoding (the limit of softmax(logits / T) as T -> 0).
+    ``beam`` and ``beam_sample`` need ``num_beams >= 2``; the other strategies take ``num_beams = 1``.
+
+    The candidate strategies (self_consistency, mbr, best_of_n) draw ``num_candidates >= 2`` samples per
+    prompt with the config's own sampling fields (:func:`candidate_config`) and return one:
+    self_consistency the majority answer, mbr the candidate with the highest mean ``mbr_utility`` against
+    the others, best_of_n the best by ``rerank``. At temperature 0 every candidate is the greedy one.
 
     ``sampler_order`` is the order in which the distribution samplers run (default
     :data:`DEFAULT_SAMPLER_ORDER`, transformers' order; empty means the default). It may name only some
@@ -67,6 +82,10 @@ class DecodingConfig:
     length_penalty: float = 1.0
     early_stopping: bool | str = False
     num_return_sequences: int = 1
+    # candidates (self_consistency, mbr, best_of_n)
+    num_candidates: int = 1
+    mbr_utility: str = "chrf"
+    rerank: str = "mean_logprob"
     # reproducibility and order
     seed: int | None = None
     sampler_order: list[str] = field(default_factory=lambda: list(DEFAULT_SAMPLER_ORDER))
@@ -93,6 +112,11 @@ class DecodingConfig:
         if not isinstance(self.sampler_order, list | tuple):
             raise ConfigError("sampler_order", f"must be a list of sampler names, got {self.sampler_order!r}")
         self.sampler_order = list(self.sampler_order)
+        for name in ("mbr_utility", "rerank"):
+            v = getattr(self, name)
+            if not isinstance(v, str):
+                raise ConfigError(name, f"must be a name or pkg.module:function, got {v!r}")
+            setattr(self, name, v.strip())
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first invalid field."""
@@ -139,12 +163,33 @@ class DecodingConfig:
             )
         if self.strategy == "greedy" and self.num_return_sequences > 1:
             raise ConfigError("num_return_sequences", "greedy decoding returns one sequence; use sample or beam")
+        self._check_candidates()
         # by identity: 1 == True, and the beam search tests ``early_stopping is True``
         if not (self.early_stopping is True or self.early_stopping is False or self.early_stopping == "never"):
             raise ConfigError("early_stopping", f"must be true, false or 'never', got {self.early_stopping!r}")
         self._check_sampler_order()
         if self.seed is not None and self.seed < 0:
             raise ConfigError("seed", f"must be >= 0, got {self.seed}")
+
+    def _check_candidates(self) -> None:
+        """``num_candidates`` belongs to the candidate strategies; their selectors must be known names or
+        ``pkg.module:function`` (imported only when the selection runs, so a config file stays portable)."""
+        if self.num_candidates < 1:
+            raise ConfigError("num_candidates", f"must be >= 1, got {self.num_candidates}")
+        if self.is_candidate:
+            if self.num_candidates < 2:
+                raise ConfigError("num_candidates", f"must be >= 2 for strategy {self.strategy!r} (it selects one "
+                                                    f"of num_candidates samples), got {self.num_candidates}")
+            if self.num_return_sequences > 1:
+                raise ConfigError("num_return_sequences", f"strategy {self.strategy!r} returns the one selected "
+                                                          f"candidate, got {self.num_return_sequences}")
+        elif self.num_candidates > 1:
+            raise ConfigError("num_candidates", f"is {self.num_candidates} but strategy {self.strategy!r} selects no "
+                                                f"candidates (use {', '.join(CANDIDATE_STRATEGIES)})")
+        for name, known in (("mbr_utility", MBR_UTILITIES), ("rerank", RERANKERS)):
+            value = getattr(self, name)
+            if value not in known and not _FUNCTION_RE.fullmatch(value):
+                raise ConfigError(name, f"must be one of {', '.join(known)} or pkg.module:function, got {value!r}")
 
     def _check_sampler_order(self) -> None:
         """Known names, each once; and a partial order must name every sampler the config uses.
@@ -174,9 +219,17 @@ class DecodingConfig:
         return self.strategy in ("beam", "beam_sample")
 
     @property
+    def is_candidate(self) -> bool:
+        """True for the strategies that select one of ``num_candidates`` samples."""
+        return self.strategy in CANDIDATE_STRATEGIES
+
+    @property
     def is_sampling(self) -> bool:
-        """True when tokens are drawn at random (temperature 0 makes sampling greedy)."""
-        return self.strategy in ("sample", "beam_sample") and self.temperature > 0
+        """True when tokens are drawn at random (temperature 0 makes sampling greedy).
+
+        The candidate strategies sample their candidates, so they count as sampling at temperature > 0.
+        """
+        return self.strategy in _SAMPLED and self.temperature > 0
 
     @property
     def full_sampler_order(self) -> list[str]:
@@ -189,21 +242,26 @@ class DecodingConfig:
 
         A config that does not sample (greedy, beam, or sampling at temperature 0) reads no sampler
         field, ``sampler_order`` or ``seed`` (temperature 0 itself is read: it is what makes it greedy);
-        only the beam strategies read ``length_penalty`` and ``early_stopping``.
+        only the beam strategies read ``length_penalty`` and ``early_stopping``; only mbr reads
+        ``mbr_utility`` and only best_of_n ``rerank``.
         """
         unread: set[str] = set()
         if not self.is_sampling:
             unread |= {*DEFAULT_SAMPLER_ORDER, "sampler_order", "seed"}
-            if self.strategy in ("sample", "beam_sample"):
+            if self.strategy in _SAMPLED:
                 unread.discard("temperature")
         if not self.is_beam:
             unread |= {"length_penalty", "early_stopping"}
+        if self.strategy != "mbr":
+            unread.add("mbr_utility")
+        if self.strategy != "best_of_n":
+            unread.add("rerank")
         return [f.name for f in dataclasses.fields(self) if f.name in unread and _is_set(self, f.name)]
 
     def ignored_field_warnings(self) -> list[str]:
         """One line per :meth:`ignored_fields` entry, e.g. ``temperature is ignored by strategy greedy``."""
         who = f"strategy {self.strategy}"
-        if self.strategy in ("sample", "beam_sample") and not self.is_sampling:
+        if self.strategy in _SAMPLED and not self.is_sampling:
             who += " at temperature 0"
         return [f"{name} is ignored by {who}" for name in self.ignored_fields()]
 
@@ -300,6 +358,16 @@ class DecodingConfig:
         return to_openai(self, strict=strict)
 
 
+def candidate_config(cfg: DecodingConfig) -> DecodingConfig:
+    """What the engine runs for ``cfg``: for a candidate strategy, the same config with strategy ``sample``
+    and ``num_return_sequences = num_candidates`` (the engines that share prefills decode a prompt's n
+    sequences from one prefill); any other config unchanged."""
+    if not cfg.is_candidate:
+        return cfg
+    return cfg.replace(strategy="sample", num_return_sequences=cfg.num_candidates, num_candidates=1,
+                       mbr_utility=_DEFAULTS["mbr_utility"], rerank=_DEFAULTS["rerank"])
+
+
 def _is_set(cfg: DecodingConfig, name: str) -> bool:
     """Whether a field differs from its default (for the samplers: whether it is in use)."""
     return getattr(cfg, name) != _DEFAULTS[name]
@@ -320,7 +388,11 @@ def _field_kwargs(data: dict[str, Any], source: str) -> dict[str, Any]:
 
 
 _INT_FIELDS = {"max_new_tokens", "min_new_tokens", "top_k", "no_repeat_ngram_size", "num_beams",
-               "num_return_sequences", "seed"}
+               "num_return_sequences", "num_candidates", "seed"}
+#: Strategies whose tokens are drawn at random when temperature > 0.
+_SAMPLED = ("sample", "beam_sample", *CANDIDATE_STRATEGIES)
+#: ``pkg.module:function`` (a dotted module path, a colon, a function name).
+_FUNCTION_RE = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 #: Fields where None is a value of its own (no seed: a fresh random one per call).
 _OPTIONAL_FIELDS = {"seed"}
 _FLOAT_FIELDS = {"temperature", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff",

@@ -51,6 +51,16 @@ def _unsupported(cfg: DecodingConfig, target: str, fields: list[str], strict: bo
             warnings.warn(f"dropped {msg}", stacklevel=3)
 
 
+def _drop_selection(cfg: DecodingConfig, target: str, strict: bool) -> DecodingConfig:
+    """A candidate strategy (self_consistency, mbr, best_of_n) has no engine equivalent: refused, or with
+    ``strict=False`` dropped to the sampling config its candidates are drawn with (one sequence)."""
+    if not cfg.is_candidate:
+        return cfg
+    _unsupported(cfg, target, ["strategy"], strict, f" (it samples num_candidates={cfg.num_candidates} "
+                                                    "and selects one; no engine does the selection)")
+    return cfg.replace(strategy="sample", num_candidates=1)
+
+
 def _order_matters(cfg: DecodingConfig, fixed: tuple[str, ...]) -> bool:
     """True if the config's order of *active* samplers differs from a target's fixed order."""
     mine = [s for s in cfg.full_sampler_order if _active(cfg, s)]
@@ -64,6 +74,7 @@ def _order_matters(cfg: DecodingConfig, fixed: tuple[str, ...]) -> bool:
 
 def to_hf(cfg: DecodingConfig, strict: bool = True) -> dict[str, Any]:
     """``transformers.GenerationConfig`` kwargs (transformers' order is our default order)."""
+    cfg = _drop_selection(cfg, "transformers", strict)
     _unsupported(cfg, "transformers", ["presence_penalty", "frequency_penalty"], strict)
     if _order_matters(cfg, ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")):
         _unsupported(cfg, "transformers", ["sampler_order"], strict, " (its sampler order is fixed)")
@@ -98,6 +109,7 @@ _VLLM_ORDER = ("temperature", "min_p", "top_k", "top_p")
 
 def to_vllm(cfg: DecodingConfig, strict: bool = True) -> dict[str, Any]:
     """``vllm.SamplingParams`` kwargs. vLLM's SamplingParams has no beam search."""
+    cfg = _drop_selection(cfg, "vLLM", strict)
     if cfg.is_beam:
         _unsupported(cfg, "vLLM SamplingParams", ["strategy"], strict, " (beam search is a separate vLLM API)")
     _unsupported(cfg, "vLLM", ["typical_p", "epsilon_cutoff", "eta_cutoff", "no_repeat_ngram_size"], strict)
@@ -125,6 +137,7 @@ _LLAMACPP_NAMES = {"temperature": "temperature", "top_k": "top_k", "top_p": "top
 
 def to_llamacpp(cfg: DecodingConfig, strict: bool = True) -> list[str]:
     """llama.cpp flags. The sampler chain order is exported with ``--samplers``."""
+    cfg = _drop_selection(cfg, "llama.cpp", strict)
     if cfg.is_beam:
         _unsupported(cfg, "llama.cpp", ["strategy"], strict, " (llama.cpp removed beam search)")
     _unsupported(cfg, "llama.cpp", ["epsilon_cutoff", "eta_cutoff", "no_repeat_ngram_size", "min_new_tokens"],
@@ -160,6 +173,7 @@ def to_llamacpp(cfg: DecodingConfig, strict: bool = True) -> list[str]:
 
 def to_openai(cfg: DecodingConfig, strict: bool = True) -> dict[str, Any]:
     """OpenAI chat/completions request parameters (temperature 0 for greedy)."""
+    cfg = _drop_selection(cfg, "the OpenAI API", strict)
     if cfg.is_beam:
         _unsupported(cfg, "the OpenAI API", ["strategy"], strict)
     _unsupported(cfg, "the OpenAI API", ["top_k", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff",

@@ -21,7 +21,7 @@ from decodetune.config import DecodingConfig
 PANEL = "Decoding config (overrides --config)"
 
 _HELP = {
-    "strategy": "greedy | beam | sample | beam_sample",
+    "strategy": "greedy | beam | sample | beam_sample | self_consistency | mbr | best_of_n",
     "max_new_tokens": "maximum tokens to generate",
     "min_new_tokens": "EOS is blocked until this many tokens",
     "stop": "stop string (repeatable); the text is cut before it",
@@ -40,6 +40,9 @@ _HELP = {
     "length_penalty": "beam score = logprob / length**length_penalty",
     "early_stopping": "true | false | never (transformers' meaning)",
     "num_return_sequences": "sequences returned per prompt",
+    "num_candidates": "samples per prompt that self_consistency / mbr / best_of_n select from",
+    "mbr_utility": "mbr: chrf | bleu | rouge_l | token_f1 | pkg.module:function",
+    "rerank": "best_of_n: mean_logprob | pkg.module:function",
     "seed": "per-row seed (same seed, same tokens, whatever the batch)",
     "sampler_order": "comma-separated order, e.g. top_k,top_p,temperature",
 }
@@ -48,7 +51,7 @@ _HELP = {
 def _option_type(field: dataclasses.Field) -> Any:
     if field.name in ("stop",):
         return Optional[list[str]]  # noqa: UP045 - typer needs typing.Optional here
-    if field.name in ("early_stopping", "sampler_order", "strategy"):
+    if field.name in ("early_stopping", "sampler_order") or isinstance(field.default, str):
         return Optional[str]  # noqa: UP045
     if field.name in ("seed",) or isinstance(field.default, bool):
         return Optional[int]  # noqa: UP045
