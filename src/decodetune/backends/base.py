@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from decodetune.config import DecodingConfig
+from decodetune.config import DecodingConfig, candidate_config
 from decodetune.decoding.types import Generation
 from decodetune.errors import UserError
 
@@ -127,7 +127,13 @@ def order_differs(cfg: DecodingConfig, fixed: Sequence[str]) -> bool:
 
 
 def unsupported(cfg: DecodingConfig, caps: Capabilities) -> list[tuple[str, str]]:
-    """``(field, why)`` for each thing in ``cfg`` that a backend with ``caps`` cannot honour."""
+    """``(field, why)`` for each thing in ``cfg`` that a backend with ``caps`` cannot honour.
+
+    A candidate strategy (self_consistency, mbr, best_of_n) runs wherever the backend returns n sequences
+    and honours the sampling config its candidates are drawn with (:func:`candidate_config`).
+    """
+    if cfg.is_candidate:
+        return _unsupported_candidates(cfg, caps)
     out: list[tuple[str, str]] = []
     if cfg.strategy not in caps.strategies:
         out.append(("strategy", f"strategy {cfg.strategy!r} is not available "
@@ -140,6 +146,16 @@ def unsupported(cfg: DecodingConfig, caps: Capabilities) -> list[tuple[str, str]
         out.append((name, f"{name}={getattr(cfg, name)!r} is not supported"))
     if caps.sampler_order is not None and cfg.is_sampling and order_differs(cfg, caps.sampler_order):
         out.append(("sampler_order", f"its sampler order is fixed ({' -> '.join(caps.sampler_order)})"))
+    return out
+
+
+def _unsupported_candidates(cfg: DecodingConfig, caps: Capabilities) -> list[tuple[str, str]]:
+    if not caps.n_candidates:
+        return [("strategy", f"strategy {cfg.strategy!r} needs {cfg.num_candidates} candidates per prompt, "
+                             "and it returns one sequence per request")]
+    out = unsupported(candidate_config(cfg), caps)
+    if cfg.strategy == "best_of_n" and cfg.rerank == "mean_logprob" and not caps.logprobs:
+        out.append(("rerank", "rerank='mean_logprob' needs token logprobs, which it does not return"))
     return out
 
 

@@ -7,11 +7,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from decodetune.backends.base import NEUTRAL, Capabilities, Request
-from decodetune.config import STRATEGIES, DecodingConfig
+from decodetune.config import ENGINE_STRATEGIES, DecodingConfig
 from decodetune.decoding.types import Generation
 
 TORCH_CAPABILITIES = Capabilities(
-    strategies=frozenset(STRATEGIES),
+    strategies=frozenset(ENGINE_STRATEGIES),  # the candidate strategies run on any backend with n samples
     fields=frozenset(NEUTRAL) | {f.name for f in dataclasses.fields(DecodingConfig)},
     sampler_order=None,  # each config's own sampler_order
     reproducible_seeds=True,

@@ -52,8 +52,11 @@ def generate_command(
     if logprobs and not engine.capabilities().logprobs:
         raise UserError(f"--logprobs: backend {engine.name!r} does not return logprobs")
     prompts = [r["messages"] if "messages" in r else r["prompt"] for r in rows]
-    gens = engine.generate([Request(p, config, config.seed) for p in prompts], logprobs=logprobs,
-                           batch_size=batch_size, progress=len(prompts) > 4 or config.max_new_tokens > 128)
+    from decodetune.evaluation.candidates import generate_selected
+
+    # a candidate strategy (self_consistency, mbr, best_of_n) prints its selected candidate
+    gens = generate_selected(engine, [Request(p, config, config.seed) for p in prompts], logprobs=logprobs,
+                             batch_size=batch_size, progress=len(prompts) > 4 or config.max_new_tokens > 128)
     records = []
     for g in gens:
         row = rows[g.prompt_index]

@@ -272,6 +272,11 @@ def _check_configs(config: Any, n: int) -> list[DecodingConfig]:
                else _bad_config(c) for c in config]
     if len(configs) != n:
         raise UserError(f"configs: got {len(configs)} configs for {n} prompts (give one, or one per prompt)")
+    for c in configs:
+        if c.is_candidate:  # silently sampling one sequence would pass for the strategy
+            raise UserError(f"strategy: {c.strategy!r} selects one of num_candidates samples, which the engine "
+                            "does not do; run it through evaluate / eval / tune, or generate "
+                            "candidate_config(config) and select with decodetune.evaluation.candidates")
     return configs
 
 

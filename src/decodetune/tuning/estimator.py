@@ -216,7 +216,11 @@ class DecodingEstimator(BaseEstimator):
             return np.array([], dtype=object)
         backend = resolve_backend(self.model, self.backend)
         check_config(cfg, backend, where="DecodingEstimator")
-        gens = backend.generate(self._requests(prompts, cfg), batch_size=_plain(self.batch_size))
+        from decodetune.evaluation.candidates import generate_selected
+
+        # a candidate strategy answers with its selected candidate (the task extracts the answers it votes on)
+        gens = generate_selected(backend, self._requests(prompts, cfg), self._task(),
+                                 batch_size=_plain(self.batch_size))
         texts = [g.text for g in gens if g.sequence_index == 0]
         return np.array(texts, dtype=object)
 
