@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from decodetune.config import ALIASES, DecodingConfig
+from decodetune.config import ALIASES, CANDIDATE_STRATEGIES, DecodingConfig
 from decodetune.errors import ConfigError, UserError
 
 if TYPE_CHECKING:
@@ -38,12 +38,19 @@ if TYPE_CHECKING:
 
 _FIELDS = {f.name: f for f in dataclasses.fields(DecodingConfig)}
 _INT_FIELDS = {"max_new_tokens", "min_new_tokens", "top_k", "no_repeat_ngram_size", "num_beams",
-               "num_return_sequences", "seed"}
+               "num_return_sequences", "num_candidates", "seed"}
 BEAM_ONLY = ("num_beams", "length_penalty", "early_stopping")
 SAMPLING_ONLY = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
+#: Knobs of the candidate strategies, and the strategies that read each.
+CANDIDATE_ONLY = {"num_candidates": CANDIDATE_STRATEGIES, "mbr_utility": ("mbr",), "rerank": ("best_of_n",)}
+#: Strategies that read the sampling knobs (the candidate strategies draw their candidates with them).
+_SAMPLED = ("sample", "beam_sample", *CANDIDATE_STRATEGIES)
 _SPEC_KEYS = {"low", "high", "log", "step", "type", "choices", "value", "when"}
 #: Strategy under which a field's values are checked when the file does not constrain it.
-_CHECK_STRATEGY = {**{n: "beam_sample" for n in BEAM_ONLY}, **{n: "sample" for n in SAMPLING_ONLY}}
+_CHECK_STRATEGY = {**{n: "beam_sample" for n in BEAM_ONLY}, **{n: "sample" for n in SAMPLING_ONLY},
+                   **{n: wanted[0] for n, wanted in CANDIDATE_ONLY.items()}}
+#: ``num_candidates`` of a searched candidate strategy when the space does not set it.
+DEFAULT_NUM_CANDIDATES = 5
 
 
 @dataclass(frozen=True)
@@ -176,11 +183,18 @@ class SearchSpace:
         base = base or DecodingConfig()
         changes = dict(values)
         # A searched strategy without beams leaves num_beams at 1 even if the base had beams.
-        if changes.get("strategy") in ("greedy", "sample") and "num_beams" not in changes:
+        strategy = changes.get("strategy")
+        if strategy in ("greedy", "sample", *CANDIDATE_STRATEGIES) and "num_beams" not in changes:
             changes["num_beams"] = 1
-        if changes.get("strategy") in ("beam", "beam_sample") and "num_beams" not in changes \
+        if strategy in ("beam", "beam_sample") and "num_beams" not in changes \
                 and base.num_beams < 2:
             changes["num_beams"] = 4
+        # likewise for candidates: only the candidate strategies take num_candidates > 1
+        if strategy is not None and "num_candidates" not in changes:
+            if strategy not in CANDIDATE_STRATEGIES:
+                changes["num_candidates"] = 1
+            elif base.num_candidates < 2:
+                changes["num_candidates"] = DEFAULT_NUM_CANDIDATES
         return base.replace(**changes)
 
     def baseline_point(self) -> dict[str, Any] | None:
@@ -242,8 +256,39 @@ def default_space(grid: bool = False, capabilities: Any = None) -> SearchSpace:
 
     ``capabilities`` (a backend's): strategies and fields it cannot honour are left out.
     """
+    spec = _default_spec(grid)
+    return parse_space(restrict_spec(spec, capabilities), source="default grid space" if grid else "default space")
+
+
+#: Primary metrics (canonical names) for which self-consistency / MBR enter the task's default space.
+_VOTED_METRICS = {"exactmatch", "numericmatch"}
+_MBR_METRICS = {"chrf": "chrf", "bleu": "bleu", "rougel": "rouge_l", "rouge1": "rouge_l", "rouge2": "rouge_l"}
+
+
+def default_space_for(task: Any, grid: bool = False, capabilities: Any = None) -> SearchSpace:
+    """:func:`default_space` plus the candidate strategy that fits ``task``'s primary metric.
+
+    Exact / numeric match (closed answers): ``self_consistency``; chrF, BLEU or ROUGE (references):
+    ``mbr`` with the primary metric as its utility. Either comes with ``num_candidates`` (3-10; 4 or 8
+    on a grid), and costs that many samples per row. Other tasks get the plain default space.
+    """
+    from decodetune.metrics.base import canonical_name
+
+    spec = _default_spec(grid)
+    primary = canonical_name(str(getattr(task, "primary", "") or ""))
+    if primary in _VOTED_METRICS or primary in _MBR_METRICS:
+        strategy = "self_consistency" if primary in _VOTED_METRICS else "mbr"
+        spec["strategy"] = [*spec["strategy"], strategy]
+        spec["num_candidates"] = [4, 8] if grid else {"low": 3, "high": 10}
+        if strategy == "mbr" and _MBR_METRICS[primary] != "chrf":
+            spec["mbr_utility"] = _MBR_METRICS[primary]
+    source = ("default grid space" if grid else "default space") + f" for {getattr(task, 'name', 'the task')}"
+    return parse_space(restrict_spec(spec, capabilities), source=source)
+
+
+def _default_spec(grid: bool) -> dict[str, Any]:
     if grid:
-        spec: dict[str, Any] = {
+        return {
             "strategy": ["greedy", "beam", "sample"],
             "num_beams": [2, 4],
             "length_penalty": [0.6, 1.0],
@@ -251,8 +296,7 @@ def default_space(grid: bool = False, capabilities: Any = None) -> SearchSpace:
             "top_p": [0.9, 1.0],
             "repetition_penalty": [1.0, 1.2],
         }
-        return parse_space(restrict_spec(spec, capabilities), source="default grid space")
-    spec = {
+    return {
         "strategy": ["greedy", "beam", "sample"],
         "num_beams": {"low": 2, "high": 8},
         "length_penalty": {"low": 0.0, "high": 2.0},
@@ -263,18 +307,23 @@ def default_space(grid: bool = False, capabilities: Any = None) -> SearchSpace:
         "repetition_penalty": {"low": 1.0, "high": 1.5},
         "no_repeat_ngram_size": {"low": 0, "high": 4},
     }
-    return parse_space(restrict_spec(spec, capabilities), source="default space")
 
 
 def restrict_spec(spec: dict[str, Any], capabilities: Any) -> dict[str, Any]:
-    """The default spec without what a backend cannot do (beam knobs go when beams go)."""
+    """The default spec without what a backend cannot do (beam knobs go when beams go; a candidate
+    strategy stays where the backend returns n samples)."""
     if capabilities is None:
         return spec
-    strategies = [s for s in spec["strategy"] if s in capabilities.strategies]
+    strategies = [s for s in spec["strategy"] if s in capabilities.strategies or (
+        s in CANDIDATE_STRATEGIES and capabilities.n_candidates and "sample" in capabilities.strategies)]
     out: dict[str, Any] = {"strategy": strategies if len(strategies) > 1 else strategies[0]}
     has_beam = any(s in ("beam", "beam_sample") for s in strategies)
-    has_sampling = any(s in ("sample", "beam_sample") for s in strategies)
+    has_sampling = any(s in _SAMPLED for s in strategies)
     for name, value in spec.items():
+        if name in CANDIDATE_ONLY:  # not backend fields: kept while a strategy that reads them is
+            if any(s in CANDIDATE_ONLY[name] for s in strategies):
+                out[name] = value
+            continue
         if name == "strategy" or (name not in capabilities.fields and name != "num_beams"):
             continue
         if (name in BEAM_ONLY and not has_beam) or (name in SAMPLING_ONLY and not has_sampling):
@@ -423,13 +472,14 @@ def _strategies(params: list[Param]) -> tuple[Any, ...]:
 
 
 def _add_implicit_conditions(params: list[Param]) -> list[Param]:
-    """Beam-only / sampling-only knobs get ``when: strategy in ...`` if strategy is searched."""
+    """Beam-only / sampling-only / candidate knobs get ``when: strategy in ...`` if strategy is searched."""
     strategies = _strategies(params)
     out = []
     for p in params:
-        if not p.when and p.name in BEAM_ONLY + SAMPLING_ONLY and any(
+        if not p.when and p.name in (*BEAM_ONLY, *SAMPLING_ONLY, *CANDIDATE_ONLY) and any(
                 q.name == "strategy" and q.kind == "categorical" for q in params):
-            wanted = ("beam", "beam_sample") if p.name in BEAM_ONLY else ("sample", "beam_sample")
+            wanted = (("beam", "beam_sample") if p.name in BEAM_ONLY else _SAMPLED if p.name in SAMPLING_ONLY
+                      else CANDIDATE_ONLY[p.name])
             allowed = tuple(s for s in strategies if s in wanted)
             if not allowed:
                 raise UserError(f"{p.where}: {p.name}: is only used by strategies {' / '.join(wanted)}, "
@@ -457,6 +507,8 @@ def _check_values(params: list[Param]) -> None:
             fields = {p.name: v} if p.name == "strategy" else {"strategy": strategy, p.name: v}
             if fields.get("strategy") in ("beam", "beam_sample") and p.name != "num_beams":
                 fields["num_beams"] = 4
+            if fields.get("strategy") in CANDIDATE_STRATEGIES and p.name != "num_candidates":
+                fields["num_candidates"] = DEFAULT_NUM_CANDIDATES
             try:
                 DecodingConfig.from_dict(fields)
             except ConfigError as e:
