@@ -11,6 +11,7 @@ In the spirit of llama.cpp's ``llama_sampler_i``: few methods, the same for ever
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -165,6 +166,18 @@ def check_config(cfg: DecodingConfig, backend: Backend, where: str = "config") -
     if problems:
         name, why = problems[0]
         raise UserError(f"{where}: {name}: backend {backend.name!r} cannot run this config ({why})")
+
+
+def sequence_seed(seed: int, sequence_index: int) -> int:
+    """The uint32 seed of sequence ``sequence_index`` of a prompt decoded with ``seed``.
+
+    Sequence 0 uses the row's seed itself, so an exported ``--seed S`` / ``"seed": S`` reproduces it in
+    the engine; the other candidates get seeds derived from (seed, j).
+    """
+    if sequence_index == 0:
+        return seed & 0xFFFFFFFF
+    digest = hashlib.blake2b(f"{seed}:{sequence_index}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
 
 
 def requests_of(prompts: Sequence[Any], configs: Sequence[DecodingConfig],

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from decodetune.backends.base import Capabilities, Request, active
+from decodetune.backends.base import Capabilities, Request, active, sequence_seed
 from decodetune.backends.capabilities import LLAMACPP
 from decodetune.config import DecodingConfig
 from decodetune.decoding.types import Generation
@@ -54,14 +54,6 @@ def _import_llama() -> Any:
         raise UserError(MISSING) from None
     _logger.set_verbose(False)  # llama.cpp's own log goes through this logger: errors only
     return llama_cpp
-
-
-def sequence_seed(seed: int, sequence_index: int) -> int:
-    """The dist-sampler seed (uint32) of sequence ``sequence_index`` of a prompt decoded with ``seed``."""
-    if sequence_index == 0:
-        return seed & 0xFFFFFFFF
-    digest = hashlib.blake2b(f"{seed}:{sequence_index}".encode(), digest_size=4).digest()
-    return int.from_bytes(digest, "little")
 
 
 def build_chain(llama_cpp: Any, cfg: DecodingConfig, seed: int, n_vocab: int, n_ctx: int) -> Any:

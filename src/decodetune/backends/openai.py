@@ -31,7 +31,6 @@
 from __future__ import annotations
 
 import email.utils
-import hashlib
 import os
 import random
 import secrets
@@ -45,7 +44,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from decodetune.backends.base import Capabilities, Request, active
+from decodetune.backends.base import Capabilities, Request, active, sequence_seed
 from decodetune.backends.capabilities import OPENAI_ANY, VLLM_ORDER
 from decodetune.config import DecodingConfig
 from decodetune.decoding.types import Generation
@@ -112,14 +111,6 @@ def split_base_url(url: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise UserError(f"--base-url: expected http(s)://host:port[/v1], got {url!r}")
     return root
-
-
-def sequence_seed(seed: int, sequence_index: int) -> int:
-    """The seed of sequence ``sequence_index`` of a row seeded ``seed`` (the llamacpp backend's rule)."""
-    if sequence_index == 0:
-        return seed & 0xFFFFFFFF
-    digest = hashlib.blake2b(f"{seed}:{sequence_index}".encode(), digest_size=4).digest()
-    return int.from_bytes(digest, "little")
 
 
 def family_capabilities(family: str) -> Capabilities:
