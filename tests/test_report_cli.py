@@ -4,6 +4,8 @@ optuna-dashboard opening the same storage; bad input as one `error:` line with e
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 from wsgiref.util import setup_testing_defaults
 
@@ -40,7 +42,7 @@ def tuned(tiny_dir, tmp_path_factory):
     return out
 
 
-def test_tune_cli_writes_outputs_and_rerun_continues(tuned, tiny_dir):
+def test_tune_cli_writes_outputs_and_rerun_continues(tuned, tiny_dir, capsys):
     best = json.loads((tuned / "best_config.json").read_text())
     assert best["max_new_tokens"] == 12  # arith's default, part of the exported config
     assert json.loads((tuned / "exports" / "generation_config.json").read_text())["max_new_tokens"] == 12
@@ -50,11 +52,34 @@ def test_tune_cli_writes_outputs_and_rerun_continues(tuned, tiny_dir):
     assert ("approximate" in llama["file"]) == (not llama["exact"]) == bool(llama["changes"])
     summary = json.loads((tuned / "summary.json").read_text())
     assert summary["test"]["split"] == "test" and summary["run"]["trials_told"] == 4
-    # the same command again: the study has its 4 trials, nothing new runs
+    # the same command again: the study has its 4 trials, nothing new runs, and the first line says so
+    capsys.readouterr()
     code = main(["tune", "--model", tiny_dir, "--task", "arith", "--limit", "10", "--trials", "4",
                  "--search", "random", "--out", str(tuned), "--batch-trials", "2", "--quiet", "--no-report"])
     assert code == 0
     assert json.loads((tuned / "summary.json").read_text())["run"]["trials_told"] == 0
+    err = capsys.readouterr().err.splitlines()
+    assert re.fullmatch(r"resuming study arith-.+-random: 4 trials already done; add --fresh to start over",
+                        err[0]), err
+
+
+def test_tune_cli_fresh_deletes_the_study_and_starts_over(tuned, tiny_dir, tmp_path, capsys):
+    out = tmp_path / "copy"
+    shutil.copytree(tuned, out)  # the shared study stays as it is
+    capsys.readouterr()
+    code = main(["tune", "--model", tiny_dir, "--task", "arith", "--limit", "10", "--trials", "1",
+                 "--search", "random", "--out", str(out), "--no-test", "--no-report", "--fresh"])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 0, err
+    assert re.fullmatch(r"--fresh: deleted study arith-.+-random \(4 trials\) from sqlite:///.+/study\.db; "
+                        r"starting over \(cached generations are kept\)", err[0]), err
+    assert not any(line.startswith("resuming") for line in err)
+    # without a terminal: a plain progress line per trial, not nothing
+    assert sum(1 for line in err if re.match(r"trial 0 \(1/1 this run\): numeric_match=", line)) == 1, err
+    import optuna
+
+    [summary] = optuna.get_all_study_summaries(f"sqlite:///{out / 'study.db'}")
+    assert summary.n_trials == 1
 
 
 def test_report_is_one_self_contained_page(tuned, tmp_path, capsys):
@@ -131,3 +156,19 @@ def test_demo_runs_end_to_end(tiny_dir, tmp_path, capsys):
     assert "test split (10 items never seen by the search): tuned numeric_match" in captured.out
     assert "demo finished in" in captured.err
     assert (tmp_path / "report.html").exists() and (tmp_path / "best_config.json").exists()
+    assert len([line for line in captured.err.splitlines() if re.match(r"trial \d+ \(\d/4 this run\)", line)]) == 4
+    assert not captured.err.startswith("resuming")
+    # again: the study is reused, said on the first line, before the banner
+    code = main(["demo", "--model", tiny_dir, "--out", str(tmp_path), "--trials", "4", "--limit", "10",
+                 "--threads", "1"])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 0
+    assert err[0] == "resuming study demo-arith: 4 trials already done; add --fresh to start over", err
+    assert err[1].startswith("decodetune demo: ") and sum(line.startswith("resuming") for line in err) == 1
+    # --fresh: the demo's study is deleted and the search starts over
+    code = main(["demo", "--model", tiny_dir, "--out", str(tmp_path), "--trials", "1", "--limit", "10",
+                 "--threads", "1", "--fresh"])
+    err = capsys.readouterr().err
+    assert code == 0
+    assert "--fresh: deleted study demo-arith (4 trials) from sqlite:///" in err and "resuming" not in err
+    assert len([line for line in err.splitlines() if re.match(r"trial \d+ \(1/1 this run\)", line)]) == 1

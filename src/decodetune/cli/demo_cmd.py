@@ -40,11 +40,12 @@ def demo_command(
     seed: int = typer.Option(0, "--seed", help="sampler and row seed"),
     space: Optional[Path] = typer.Option(None, "--space", help="search space YAML (default: a compact one)"),  # noqa: UP045
     threads: int = typer.Option(0, "--threads", help="torch CPU threads (0: the idle cores, at least 1)"),
+    fresh: bool = typer.Option(False, "--fresh", help="delete the demo's stored study and start over"),
     *,
     backend: Any,
 ) -> None:
     """Tune the embedded model on a builtin task, compare with greedy on the test split, write a report."""
-    from decodetune.cli.tune_cmd import run_tune
+    from decodetune.cli.tune_cmd import resume_line, run_tune
     from decodetune.io import check_output_dir
 
     # checked before the demo space is written into --out, so bad input leaves no folder behind
@@ -58,6 +59,9 @@ def demo_command(
 
         load_space(str(space))  # a bad file is one error line, not one after the banner
     t0 = time.monotonic()
+    resuming = None if fresh else resume_line(out, f"demo-{task}")
+    if resuming:  # the first line: a re-run continues the study (and reuses its cached generations)
+        print(resuming, file=sys.stderr, flush=True)
     n_threads = set_threads(threads)
     print(f"decodetune demo: TPE search over greedy / beam / sampling for {model} on task {task} "
           f"({trials} trials, {limit} dev + {limit} test items, {n_threads} CPU thread(s))", file=sys.stderr)
@@ -66,7 +70,8 @@ def demo_command(
                       space=space or _space_file(out, options.name),
                       objective=None, storage=None, study_name=f"demo-{task}", timeout=timeout,
                       budget_tokens=None, repeats=1, seed=seed, limit=limit, out=out, batch_trials=4,
-                      prune=True, test=True, report=True, backend=options)
+                      prune=True, test=True, report=True, backend=options, fresh=fresh,
+                      resume_said=resuming is not None)
     _verdict(result)
     print(f"demo finished in {time.monotonic() - t0:.0f} s; open {Path(out) / 'report.html'}", file=sys.stderr)
 

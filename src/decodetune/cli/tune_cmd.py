@@ -44,6 +44,7 @@ def tune_command(
     raw: bool = typer.Option(False, "--raw", help="send prompts as-is, without the chat template"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow model code from the hub"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar or tables"),
+    fresh: bool = typer.Option(False, "--fresh", help="delete the stored study of that name first and start over"),
     threads: Optional[int] = typer.Option(  # noqa: UP045
         None, "--threads", help="torch CPU threads (0: the idle cores; default: torch's)"),
     *,
@@ -57,7 +58,7 @@ def tune_command(
     run_tune(task=task, model=model, search=search, trials=trials, space=space, objective=objective,
              storage=storage, study_name=study_name, timeout=timeout, budget_tokens=budget_tokens,
              repeats=repeats, seed=seed, limit=limit, out=out, batch_trials=batch_trials, prune=prune,
-             test=test, report=report, raw=raw, trust_remote_code=trust_remote_code, quiet=quiet,
+             test=test, report=report, raw=raw, trust_remote_code=trust_remote_code, quiet=quiet, fresh=fresh,
              backend=with_model_flags(backend, raw=raw, trust_remote_code=trust_remote_code, threads=threads))
 
 
@@ -65,8 +66,14 @@ def run_tune(*, task: str, model: str, search: str, trials: int, space: Path | N
              storage: str | None, study_name: str | None, timeout: float | None, budget_tokens: int | None,
              repeats: int, seed: int, limit: int | None, out: Path, batch_trials: int | None, prune: bool,
              test: bool, report: bool, raw: bool = False, trust_remote_code: bool = False,
-             quiet: bool = False, per_worker: bool = False, backend: Any = None) -> object:
-    """Shared by ``tune`` and ``demo``: run, print the summary, write the report."""
+             quiet: bool = False, per_worker: bool = False, backend: Any = None, fresh: bool | None = False,
+             resume_said: bool = False) -> object:
+    """Shared by ``tune``, ``demo`` and ``worker``: run, print the summary, write the report.
+
+    A resumed study is said on stderr before any trial runs ("resuming study S: 12 trials already done; add
+    --fresh to start over", the hint left out where ``fresh`` is None: a command without the flag), unless
+    ``resume_said`` (the demo said it before its banner). Progress: a bar on a terminal, else a line per trial.
+    """
     from rich.console import Console
 
     from decodetune.io import check_output_dir
@@ -93,9 +100,10 @@ def run_tune(*, task: str, model: str, search: str, trials: int, space: Path | N
                       n_trials=trials, space=space_obj, objectives=objective, storage=storage,
                       study_name=study_name, timeout=timeout, budget_tokens=budget_tokens, repeats=repeats,
                       seed=seed, limit=limit, out_dir=out, batch_trials=batch_trials, prune=prune,
-                      final_test=test, progress=not quiet and sys.stderr.isatty(), console=console,
+                      final_test=test, progress=not quiet, console=console,
                       model_options={"raw": raw, "trust_remote_code": trust_remote_code},
-                      per_worker=per_worker, backend=backend)
+                      per_worker=per_worker, backend=backend, fresh=bool(fresh),
+                      announce=lambda line: _announce(line, fresh, resume_said))
     except KeyboardInterrupt:
         print("interrupted: in-flight trials were marked failed; re-run the same command to continue",
               file=sys.stderr)
@@ -131,6 +139,34 @@ def run_tune(*, task: str, model: str, search: str, trials: int, space: Path | N
         print("no trial completed; nothing to export", file=sys.stderr)
     print(f"open it in optuna-dashboard: optuna-dashboard {result.storage_url}", file=sys.stderr)
     return result
+
+
+def _announce(line: str, fresh: bool | None, resume_said: bool) -> None:
+    if line.startswith("resuming"):
+        if resume_said:
+            return
+        if fresh is not None:
+            line += "; add --fresh to start over"
+    print(line, file=sys.stderr, flush=True)
+
+
+def resume_line(out: Path, study_name: str) -> str | None:
+    """'resuming study S: N trials already done; add --fresh to start over' for the default storage
+    OUT/study.db, read without creating anything; None when there is no such study."""
+    from decodetune.tuning.study import resolve_storage
+
+    if not (Path(out) / "study.db").is_file():
+        return None
+    import optuna
+
+    from decodetune.tuning.core import resume_text
+
+    info = resolve_storage(None, Path(out))
+    if study_name not in {s.study_name for s in optuna.get_all_study_summaries(info.storage,
+                                                                                include_best_trial=False)}:
+        return None
+    study = optuna.load_study(study_name=study_name, storage=info.storage)
+    return resume_text(study) + "; add --fresh to start over" if study.trials else None
 
 
 def _log_warnings() -> None:

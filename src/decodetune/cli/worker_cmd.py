@@ -53,7 +53,7 @@ def worker_command(
     run_tune(task=task, model=model, search=search, trials=trials, space=space, objective=objective,
              storage=storage, study_name=study_name, timeout=None, budget_tokens=None, repeats=repeats,
              seed=seed, limit=limit, out=out, batch_trials=batch_trials, prune=prune, test=False,
-             report=False, quiet=quiet, per_worker=True, backend=with_model_flags(backend, threads=threads))
+             report=False, quiet=quiet, per_worker=True, fresh=None, backend=with_model_flags(backend, threads=threads))
 
 
 def register(app: typer.Typer) -> None:

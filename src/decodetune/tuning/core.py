@@ -100,7 +100,7 @@ def tune(model: Any, task: Any, *, search: str = "tpe", n_trials: int = 20,
          model_options: dict[str, Any] | None = None, evaluate_many: Callable[..., list[Any]] | None = None,
          compare: Callable[..., Any] | None = None, per_worker: bool = False,
          cache: str | Path | None = None, eval_seed: int | None = None,
-         backend: Any = None) -> TuneResult:
+         backend: Any = None, fresh: bool = False, announce: Callable[[str], None] | None = None) -> TuneResult:
     """Search decoding hyperparameters of ``model`` on ``task``'s dev split.
 
     Re-running with the same study (name and storage) continues it: completed trials count toward
@@ -115,6 +115,9 @@ def tune(model: Any, task: Any, *, search: str = "tpe", n_trials: int = 20,
     ``backend``: a :class:`~decodetune.backends.BackendOptions` (or an open backend) to generate with;
     default the torch engine. The default space is cut down to what it can do, a user space that sets a
     field it cannot honour is refused before the first trial, and the final test-split check runs on it.
+    ``fresh``: delete the study of that name in the storage first (its cached generations are kept).
+    ``announce``: called with one line, before any trial runs, when the study resumes or ``fresh`` deleted it.
+    With ``progress``, a rich bar on a terminal console, else one plain line per told trial on stderr.
     """
     import optuna
 
@@ -158,7 +161,10 @@ def tune(model: Any, task: Any, *, search: str = "tpe", n_trials: int = 20,
     if loaded.name != "torch":  # studies made before backends existed carry no backend key
         identity["backend"] = loaded.name
     sampler = make_sampler(search, seed, space_obj, n_obj, n_trials, sampler_options)
+    if fresh:
+        _delete_study(info, name, announce)
     study = open_study(info, name, [o.optuna_direction for o in objs], sampler, make_pruner(pruning), identity)
+    resumed = bool(study.trials)  # before the baseline is enqueued
     baseline = space_obj.baseline_point()
     if search == "grid":
         grid_points = _baseline_first(grid_points, baseline, space_obj)
@@ -199,6 +205,8 @@ def tune(model: Any, task: Any, *, search: str = "tpe", n_trials: int = 20,
                                     pruning=pruning, evaluate_many=evaluate_many, stats=stats)
     already = 0 if per_worker else len(finished_trials(study))
     remaining = max(0, n_trials - already)
+    if announce is not None and resumed:
+        announce(resume_text(study))
     parallel_warning = check_parallel_safe(study, info.url)
     if parallel_warning:
         log.warning(parallel_warning)
@@ -218,7 +226,7 @@ def tune(model: Any, task: Any, *, search: str = "tpe", n_trials: int = 20,
             stats.trials_failed += 1
             stats.failures.append(f"trial {trial.number}: {error}")
             log.warning("trial %d failed: %s", trial.number, error)
-            bar.advance(study, objs)
+            bar.advance(study, objs, trial.number, "failed")
             return
         values = trial_values(attrs, objs)
         for k, v in attrs.items():
@@ -226,14 +234,17 @@ def tune(model: Any, task: Any, *, search: str = "tpe", n_trials: int = 20,
         if attrs.get("pruned"):  # PRUNED, not a COMPLETE partial mean: see tuning/runner.py's docstring
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             stats.trials_told += 1
+            note = f"pruned after {attrs.get('items_evaluated')} items"
         elif values is None:
             trial.set_user_attr("error", "objective value is missing or not finite")
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             stats.trials_failed += 1
+            note = "failed: no finite objective value"
         else:
             study.tell(trial, values if n_obj > 1 else values[0])
             stats.trials_told += 1
-        bar.advance(study, objs)
+            note = ", ".join(f"{o.metric}={v:.4g}" for o, v in zip(objs, values, strict=True))
+        bar.advance(study, objs, trial.number, note)
 
     in_flight: list[Any] = []
     failed_here: set[tuple] = set()  # grid points that failed in this run are not retried in it
@@ -301,6 +312,31 @@ def tune(model: Any, task: Any, *, search: str = "tpe", n_trials: int = 20,
                 study.set_user_attr("final_error", msg)
         result.files = write_outputs(result)
     return result
+
+
+def resume_text(study: Any) -> str:
+    """'resuming study S: 12 trials already done' (and how many failed, if any)."""
+    from optuna.trial import TrialState
+
+    failed = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+    return (f"resuming study {study.study_name}: {len(finished_trials(study))} trials already done"
+            + (f" ({failed} failed)" if failed else ""))
+
+
+def _delete_study(info: Any, name: str, announce: Callable[[str], None] | None) -> None:
+    """``--fresh``: delete the stored study ``name`` (if there is one) and say so."""
+    import optuna
+
+    from decodetune.tuning.study import _redact
+
+    found = [s for s in optuna.get_all_study_summaries(info.storage, include_best_trial=False)
+             if s.study_name == name]
+    if not found:
+        return
+    optuna.delete_study(study_name=name, storage=info.storage)
+    if announce is not None:
+        announce(f"--fresh: deleted study {name} ({found[0].n_trials} trials) from {_redact(info.url)}; "
+                 "starting over (cached generations are kept)")
 
 
 def base_config(caps: Any) -> DecodingConfig:
@@ -446,13 +482,18 @@ def _accumulate_run_stats(study: Any, stats: RunStats) -> None:
 
 
 class _Progress:
-    """Rich progress bar with ETA over the trials of this run (silent when disabled)."""
+    """Rich progress bar with ETA over the trials of this run on a terminal; without one, a plain line per
+    told trial on stderr (a log or CI shows progress instead of nothing for minutes); silent when disabled."""
 
     def __init__(self, total: int, enabled: bool, console: Any, already: int):
+        import sys
+
         self.enabled, self.total, self.already = enabled and total > 0, total, already
         self._p = None
         self._task = None
-        if self.enabled:
+        tty = console.is_terminal if console is not None else sys.stderr.isatty()
+        self.plain, self.done, self.t0 = self.enabled and not tty, 0, time.monotonic()
+        if self.enabled and tty:
             from rich.progress import (
                 BarColumn,
                 MofNCompleteColumn,
@@ -476,13 +517,20 @@ class _Progress:
         if self._p is not None:
             self._p.__exit__(*exc)
 
-    def advance(self, study: Any, objs: list[Objective]) -> None:
+    def advance(self, study: Any, objs: list[Objective], number: int | None = None, note: str = "") -> None:
         """One more trial told; show the best value so far."""
-        if self._p is None:
+        if self._p is None and not self.plain:
             return
+        self.done += 1
         desc = ""
         if len(objs) == 1:
             best = best_trials(study, objs)
             if best:
                 desc = f"best {objs[0].metric}={best[0].values[0]:.4g} (trial {best[0].number})"
-        self._p.update(self._task, advance=1, description=desc)
+        if self._p is not None:
+            self._p.update(self._task, advance=1, description=desc)
+            return
+        import sys
+
+        print(f"trial {number} ({self.done}/{self.total} this run): {note or 'done'}"
+              + (f"; {desc}" if desc else "") + f"; {time.monotonic() - self.t0:.0f} s", file=sys.stderr, flush=True)

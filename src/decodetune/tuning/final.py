@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from decodetune.tuning.runner import Splits
 
 MAX_PARETO_CHECKED = 4
-N_EXAMPLES = 4
+N_EXAMPLES = 6
 _CLIP = 400
 #: significance level and power the minimum detectable effect is stated at
 ALPHA, POWER = 0.05, 0.8
@@ -74,7 +74,8 @@ def final_check(loaded: Any, task: Any, study: Any, splits: Splits, objectives: 
     for t, (name, _) in zip(winners[:MAX_PARETO_CHECKED], tuned, strict=False):
         gap[name] = {o.metric: _sub(t.values[i], results[name].metrics[o.metric].value)
                      for i, o in enumerate(objectives)}
-    examples = _examples(results, [n for n, _ in defaults][:1] + [n for n, _ in tuned][:1])
+    examples = _examples(results, [n for n, _ in defaults][:1] + [n for n, _ in tuned][:1],
+                         objectives[0].metric)
     final = {"split": splits.test, "n_items": len(splits.test_indices), "held_out": splits.held_out,
              "objectives": [str(o) for o in objectives], "rows": rows, "dev_to_test_gap": gap,
              "examples": examples,
@@ -168,7 +169,15 @@ def _row(name: str, cfg: DecodingConfig, res: Any, objectives: list[Objective], 
             "paired": diffs or {}}
 
 
-def _examples(results: dict[str, Any], names: list[str]) -> list[dict[str, Any]]:
+def _examples(results: dict[str, Any], names: list[str], metric: str | None = None) -> list[dict[str, Any]]:
+    """Example generations of the default (``names[0]``) and the tuned config (``names[1]``).
+
+    Chosen where the two *disagree*: test items whose extracted answers differ come first; those where
+    exactly one of the two is right before those where both are wrong (the tuned config's wins, with one
+    slot kept for a loss when there is one, so the page never shows only the good side); items where they
+    agree only fill the remaining places. Each output carries its extracted answer, its ``metric`` score and
+    ``correct``: True/False when the metric is 0/1 over the rows shown (exact or numeric match), else None.
+    """
     by_item: dict[str, dict[str, Any]] = {}
     for name in names:
         res = results.get(name)
@@ -181,9 +190,42 @@ def _examples(results: dict[str, Any], names: list[str]) -> list[dict[str, Any]]
                                                          "prompt": _clip(row.get("prompt")),
                                                          "references": [_clip(r) for r in
                                                                         (row.get("references") or [])[:2]],
-                                                         "outputs": {}})
+                                                         "outputs": {}, "extracted": {}, "scores": {}})
             ex["outputs"][name] = _clip(row.get("prediction"))
-    return list(by_item.values())[:N_EXAMPLES]
+            answer = row.get("extracted", row.get("prediction"))
+            ex["extracted"][name] = None if answer is None else _clip(answer)
+            score = (row.get("scores") or {}).get(metric) if metric else None
+            ex["scores"][name] = _json(float(score)) if score is not None else None
+    items = list(by_item.values())
+    scores = [v for ex in items for v in ex["scores"].values() if v is not None]
+    binary = bool(scores) and all(v in (0.0, 1.0) for v in scores)
+    for ex in items:
+        ex["correct"] = {n: (bool(v == 1.0) if binary and v is not None else None) for n, v in ex["scores"].items()}
+        answers = [_norm_answer(ex["extracted"].get(n)) for n in names if n in ex["extracted"]]
+        ex["disagree"] = len(answers) == len(names) and len(set(answers)) > 1
+    if len(names) < 2:
+        return items[:N_EXAMPLES]
+    ref, tuned = names[0], names[1]
+
+    def outcome(ex: dict[str, Any]) -> str:
+        c = ex["correct"]
+        if c.get(ref) is None or c.get(tuned) is None:
+            return "differ"
+        return {(False, True): "win", (True, False): "loss"}.get((c[ref], c[tuned]), "differ")
+
+    wins = [ex for ex in items if ex["disagree"] and outcome(ex) == "win"]
+    losses = [ex for ex in items if ex["disagree"] and outcome(ex) == "loss"]
+    other = [ex for ex in items if ex["disagree"] and outcome(ex) == "differ"]
+    agree = [ex for ex in items if not ex["disagree"]]
+    picked = wins[: N_EXAMPLES - 1 if losses else N_EXAMPLES] + losses
+    picked = (picked + other + agree)[:N_EXAMPLES]
+    order = {id(ex): i for i, ex in enumerate(items)}
+    # disagreements first, then the page's order of the split
+    return sorted(picked, key=lambda ex: (not ex["disagree"], order[id(ex)]))
+
+
+def _norm_answer(v: Any) -> str:
+    return " ".join(str(v).split()).lower() if v is not None else ""
 
 
 def _clip(v: Any) -> str:
@@ -222,7 +264,8 @@ def write_outputs(result: TuneResult) -> dict[str, str]:
 
     backend = result.study.user_attrs.get("backend", "torch")
     exports = write_exports(best, out, backend)
-    result.study.set_user_attr("exports", {"backend": backend, "targets": exports})
+    result.study.set_user_attr("exports", {"backend": backend, "targets": exports, "out": str(out),
+                                           "best_config": str(path)})
     for target, entry in exports.items():
         if entry["file"]:
             files[target if entry["exact"] else f"{target} (approximate)"] = entry["file"]

@@ -300,7 +300,131 @@ table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px soli
 vertical-align:top;text-align:left}th{background:#f3f3f3}pre{white-space:pre-wrap;margin:0}
 .note{color:#666}h2{margin-top:2em}.headline{font-size:1.25em;font-weight:600;padding:.6em .8em;
 background:#eef6ee;border-left:4px solid #3a3}.plotly-graph-div{max-width:100%}table{max-width:100%}
-td{overflow-wrap:anywhere}"""
+td{overflow-wrap:anywhere}pre.cmd{background:#f6f6f6;padding:.5em .7em;border:1px solid #ddd;
+overflow-wrap:anywhere}.right{color:#173;font-weight:600}.wrong{color:#a22;font-weight:600}
+tr.disagree td{background:#fffbe8}ul.changes{margin:.3em 0}"""
+
+
+#: says on <body data-overflow="true|false"> whether the page is wider than the window (the browser test reads it)
+_OVERFLOW_SCRIPT = ("<script>function dtOverflow(){document.body.dataset.overflow="
+                    "String(document.documentElement.scrollWidth>window.innerWidth)}"
+                    "dtOverflow();addEventListener('load',dtOverflow);addEventListener('resize',dtOverflow)</script>")
+
+
+def _examples_html(examples: list[dict[str, Any]]) -> list[str]:
+    """The example generations, where the default and the tuned config disagree first, right ones marked."""
+    if not examples:
+        return []
+    names = list(examples[0]["outputs"])
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in ["prompt", "reference", *names])
+    body = []
+    for e in examples:
+        cells = [html.escape(e["prompt"]), html.escape(" | ".join(e.get("references") or []))]
+        for n in names:
+            correct = (e.get("correct") or {}).get(n)
+            answer = (e.get("extracted") or {}).get(n)
+            score = (e.get("scores") or {}).get(n)
+            mark = {True: "<span class=right>✓ right</span>", False: "<span class=wrong>✗ wrong</span>"}.get(
+                correct, f"<span class=note>score {_fmt(score, 3)}</span>" if score is not None else "")
+            extra = (f" <span class=note>answer: {html.escape(str(answer)) or '(none found)'}</span>"
+                     if answer is not None and answer != e["outputs"].get(n) else "")
+            cells.append(f"{mark}{extra}<pre>{html.escape(e['outputs'].get(n, ''))}</pre>")
+        cls = " class=disagree" if e.get("disagree") else ""
+        body.append(f"<tr{cls}>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    n_dis = sum(1 for e in examples if e.get("disagree"))
+    note = ""
+    if "disagree" in examples[0]:  # studies stored before examples were chosen by disagreement lack it
+        note = (f"The answers differ on {n_dis} of these {len(examples)} items (highlighted)"
+                + ("." if n_dis == len(examples) else "; on the rest the configs agree (too few items differ)."))
+    return ["<h2>Example generations (test split)</h2>",
+            f"<p class=note>Items where the default and the tuned config give different answers come first; "
+            f"✓ marks an answer the metric scores as right. {note}</p>",
+            f"<table id=examples><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"]
+
+
+def deploy_steps(attrs: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per export target: its file, whether it is exact, what it drops or changes, and the commands to use it."""
+    import shlex
+
+    ex = attrs.get("exports") or {}
+    targets = ex.get("targets") or {}
+    model = str(attrs.get("model") or "MODEL")
+    gguf = model if model.endswith(".gguf") else "MODEL.gguf"
+    steps = []
+    for target, e in targets.items():
+        f = e.get("file")
+        cmds: list[str] = []
+        if f and target == "llamacpp":
+            cmds = [f"llama-cli -m {shlex.quote(gguf)} $(cat {shlex.quote(f)})",
+                    f"llama-server -m {shlex.quote(gguf)} $(cat {shlex.quote(f)})"]
+        elif f and target == "vllm":
+            cmds = ["import json; from vllm import LLM, SamplingParams",
+                    f"params = SamplingParams(**json.load(open({f!r})))",
+                    f"LLM(model={model!r}).generate(prompts, params)"]
+        elif f and target == "hf":
+            folder = str(Path(f).parent)
+            cmds = ["from transformers import GenerationConfig",
+                    f"gen = GenerationConfig.from_pretrained({folder!r})  # reads {Path(f).name}",
+                    "model.generate(**inputs, generation_config=gen)",
+                    f"# or make it the model's default: cp {shlex.quote(f)} MODEL_DIR/generation_config.json"]
+        elif f and target == "openai":
+            cmds = ["import json; from openai import OpenAI",
+                    f"params = json.load(open({f!r}))",
+                    f"OpenAI(base_url=URL).chat.completions.create(model={model!r}, messages=messages, **params)"]
+        steps.append({"target": target, "engine": e.get("engine", target), "file": f,
+                      "exact": bool(e.get("exact")), "changes": list(e.get("changes") or []), "commands": cmds})
+    return steps
+
+
+def verify_command(attrs: dict[str, Any]) -> str:
+    """The portability check: ``decodetune verify`` of the winner in another engine than the study's."""
+    import shlex
+
+    ex = attrs.get("exports") or {}
+    backend = str(ex.get("backend") or attrs.get("backend") or "torch")
+    best = ex.get("best_config") or str(Path(ex.get("out") or "OUT") / "best_config.json")
+    model = str(attrs.get("model") or "MODEL")
+    target = "torch" if backend == "llamacpp" else "llamacpp"
+    against = backend if backend in ("torch", "llamacpp", "vllm") else "torch"
+    cmd = ["decodetune", "verify", "--backend", target]
+    if target == "llamacpp" and not model.endswith(".gguf"):
+        cmd += ["--model", "MODEL.gguf", "--against-model", model]
+    else:
+        cmd += ["--model", model]
+    if against != "torch":
+        cmd += ["--against", against]
+    cmd += ["--config", best, "--task", str(attrs.get("task") or "T")]
+    return " ".join(shlex.quote(c) for c in cmd)
+
+
+def _what_next_html(attrs: dict[str, Any]) -> list[str]:
+    steps = deploy_steps(attrs)
+    if not steps:
+        return []
+    backend = (attrs.get("exports") or {}).get("backend", attrs.get("backend", "torch"))
+    parts = ["<h2 id=what-next>What next: deploy the winner</h2>",
+             f"<p>Every score above was measured on backend <b>{html.escape(str(backend))}</b>. Each engine gets "
+             "its own file; an export that cannot say exactly the same config sits in "
+             "<code>exports/approximate/</code> and names below every field it drops or changes.</p>"]
+    if (attrs.get("exports") or {}).get("best_config"):
+        parts.append(f"<p>The config itself: <code>{html.escape(attrs['exports']['best_config'])}</code></p>")
+    for st in steps:
+        parts.append(f"<h3>{html.escape(st['engine'])}</h3>")
+        if st["file"]:
+            parts.append(f"<p>file: <code>{html.escape(st['file'])}</code> &mdash; "
+                         + ("exact: the same config, nothing dropped or changed" if st["exact"] else
+                            "<b>approximate</b>: it behaves differently from what the study measured") + "</p>")
+        else:
+            parts.append("<p><b>no file</b>: the export failed</p>")
+        if st["changes"]:
+            parts.append("<ul class=changes>" + "".join(f"<li>{html.escape(c)}</li>" for c in st["changes"])
+                         + "</ul>")
+        if st["commands"]:
+            parts.append(f"<pre class=cmd>{html.escape(chr(10).join(st['commands']))}</pre>")
+    parts.append("<h3>Portability check</h3><p>Re-score the winner in the serving engine, paired item by item "
+                 "against the engine it was tuned in, before relying on an export:</p>"
+                 f"<pre class=cmd id=verify>{html.escape(verify_command(attrs))}</pre>")
+    return parts
 
 
 def render_html(study: Any) -> str:
@@ -354,13 +478,7 @@ def render_html(study: Any) -> str:
             parts.append(f"<p id=power>{html.escape(final['power']['sentence'])} (paired, two-sided alpha "
                          f"{final['power'].get('alpha', 0.05)}, power {final['power'].get('power', 0.8)}).</p>")
         parts.append("<h3>Dev-to-test gap</h3>" + _table(["config", "gap"], gap_rows))
-        ex = final.get("examples") or []
-        if ex:
-            names = list(ex[0]["outputs"])
-            parts.append("<h2>Example generations (test split)</h2>")
-            parts.append(_table(["prompt", "reference", *names],
-                                [[e["prompt"], " | ".join(e.get("references") or []),
-                                  *[e["outputs"].get(n, "") for n in names]] for e in ex]))
+        parts.extend(_examples_html(final.get("examples") or []))
     else:
         parts.append("<p class=note>No test-split check stored"
                      + (f": {html.escape(a['final_error'])}" if a.get("final_error") else "") + ".</p>")
@@ -368,12 +486,7 @@ def render_html(study: Any) -> str:
         parts.append("<h2>Which knobs matter</h2>")
         parts.append(f"<p class=note>{_KNOB_NOTE}</p>")
         parts.append(_table(KNOB_HEADER, _knob_rows(d["knobs"])))
-    targets = (a.get("exports") or {}).get("targets") or {}
-    if targets:
-        parts.append("<h2>Exports of the winner</h2>")
-        parts.append(_table(["engine", "exact", "what changes"],
-                            [[e["engine"], "yes" if e["exact"] else "NO",
-                              "; ".join(e["changes"]) or "nothing: same config"] for e in targets.values()]))
+    parts.extend(_what_next_html(a))
     parts.append("<h2>Plots</h2>")
     for title, fig in _figures(study, d):
         parts.append(f"<h3>{html.escape(title)}</h3>")
@@ -391,7 +504,7 @@ def render_html(study: Any) -> str:
     return ("<!DOCTYPE html><html><head><meta charset='utf-8'>"
             f"<title>decodetune report: {html.escape(d['name'])}</title><style>{_CSS}</style>"
             f"<script type='text/javascript'>{get_plotlyjs()}</script></head><body>"
-            + "\n".join(parts) + "</body></html>")
+            + "\n".join(parts) + _OVERFLOW_SCRIPT + "</body></html>")
 
 
 def write_report(study: Any, path: str | Path) -> Path:
