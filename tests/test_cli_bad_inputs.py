@@ -133,7 +133,7 @@ CASES: list[tuple[list[str], str]] = [
     # ---- report / status
     (["report", "--storage", "sqlite:///{tmp}/missing.db", "--out", "{tmp}/r.html"], "missing.db does not exist"),
     (["report", "--storage", "{tmp}/none.journal", "--out", "{tmp}/r.html"], "none.journal does not exist"),
-    (["report", "--storage", "{study.journal}", "--out", "{adir}"], "--out {adir}: is a directory"),
+    (["report", "--storage", "{study.journal}", "--out", "{adir}"], "--output {adir}: is a directory"),
     (["report", "--storage", "{study.journal}", "--study-name", "nope", "--out", "{tmp}/r.html"],
      "no study 'nope' in the storage; it has s1"),
     (["status", "--storage", "sqlite:///{tmp}/missing2.db"], "missing2.db does not exist"),
@@ -153,7 +153,7 @@ CASES: list[tuple[list[str], str]] = [
     (["distill-eval", "--student", NO_MODEL, "--data", "{prompts.jsonl}", "--output", "{adir}"],
      "--output {adir}: is a directory"),
     (["distill-eval", "--student", NO_MODEL, "--data", "{prompts.jsonl}", "--batch-size", "0"], "--batch-size"),
-    (["augment", "--input", "{prompts.jsonl}", "--out", "{adir}", "--ops", "swap"], "--out {adir}: is a directory"),
+    (["augment", "--input", "{prompts.jsonl}", "--out", "{adir}", "--ops", "swap"], "--output {adir}: is a directory"),
     (["augment", "--input", "{prompts.jsonl}", "--out", "{tmp}/a.jsonl", "--ops", "shout"], "shout"),
     (["augment", "--input", "{prompts.jsonl}", "--out", "{tmp}/a.jsonl", "--ops", "swap", "--n", "0"],
      "--n: must be >= 1"),

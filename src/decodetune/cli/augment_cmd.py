@@ -18,10 +18,10 @@ from decodetune.errors import UserError
 _FILTERS = "Filters"
 
 
-@config_options
+@config_options(skip=("seed",))  # --seed is augment's own: each variant's seed comes from it
 def augment_command(
     input: Path = typer.Option(..., "--input", "-i", help="JSONL rows with a text field"),  # noqa: A002
-    out: Path = typer.Option(..., "--out", "--output", "-o", help="where to write the augmented JSONL"),
+    out: Path = typer.Option(..., "--output", "--out", "-o", metavar="FILE", help="JSONL file to write"),
     ops: str = typer.Option(..., "--ops", help="comma-separated: swap,delete,insert,synonym,paraphrase,backgen"),
     n: int = typer.Option(1, "--n", help="variants per row for each op (before filtering)"),
     seed: int = typer.Option(0, "--seed", help="same seed, same output"),
@@ -65,7 +65,7 @@ def augment_command(
     from decodetune.train.augment.pipeline import augment
 
     # Everything the user typed is checked before the input is read or a model is loaded.
-    check_output_path(out, "--out")
+    check_output_path(out, "--output")
     op_list = parse_ops(ops)
     parse_rates(rate)
     if n < 1:

@@ -12,23 +12,28 @@ import typer
 
 from decodetune.cli.backend_options import backend_options, engine_for
 from decodetune.cli.eval_cmd import ARROW, check_common, check_outputs, fmt
+from decodetune.cli.options import config_options, flag_fields
 from decodetune.errors import UserError
 
 
-def parse_config_arg(value: str) -> tuple[str, dict[str, Any]]:
+def parse_config_arg(value: str, overrides: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
     """``--config`` value: a JSON/YAML file, or inline JSON such as ``'{"strategy": "sample"}'``.
 
-    Returns (label, fields as given) so task defaults fill only what the config leaves out.
+    Returns (label, fields as given, with ``overrides`` - the decoding flags - on top) so task defaults fill
+    only what neither sets. The config is validated with the overrides: ``{"strategy": "beam"}`` plus
+    ``--num-beams 4`` is fine.
     """
     from decodetune.config import DecodingConfig
 
+    overrides = dict(overrides or {})
     text = value.strip()
     if text.startswith("{"):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise UserError(f"--config {value!r}: malformed inline JSON ({e.msg})") from None
-        DecodingConfig.from_dict(data, source=f"--config {value}")
+        data = _with_overrides(data, overrides)
+        DecodingConfig.from_dict(data, source=f"--config {value}" + (" with the flags" if overrides else ""))
         return text, data
     import yaml
 
@@ -40,12 +45,41 @@ def parse_config_arg(value: str) -> tuple[str, dict[str, Any]]:
     except yaml.YAMLError:
         DecodingConfig.load(value)  # raises the one-line error naming file and line
         raise
-    DecodingConfig.load(value)  # full validation with file-aware messages
     if not isinstance(data, dict):
         raise UserError(f"{value}: expected a mapping of config fields")
+    if overrides:
+        data = _with_overrides(data, overrides)
+        DecodingConfig.from_dict(data, source=f"{value} with the flags")
+    else:
+        DecodingConfig.load(value)  # full validation with file-aware messages
     return Path(value).stem, data
 
 
+def _with_overrides(data: Any, overrides: dict[str, Any]) -> Any:
+    """The config's fields (aliases as their field names) with the flags' fields on top."""
+    if not overrides or not isinstance(data, dict):
+        return data
+    from decodetune.config import ALIASES
+
+    return {**{ALIASES.get(k, k): v for k, v in data.items()}, **overrides}
+
+
+def _warn_ignored(labels: list[str], configs: list[dict[str, Any]], overrides: dict[str, Any]) -> None:
+    """``warning: greedy: temperature is ignored by strategy greedy`` for a flag a config never reads."""
+    from decodetune.config import DecodingConfig
+
+    for label, data in zip(labels, configs, strict=True):
+        cfg = DecodingConfig.from_dict(data)
+        for name, line in zip(cfg.ignored_fields(), cfg.ignored_field_warnings(), strict=True):
+            if name in overrides:
+                print(f"warning: {label}: {line}", file=sys.stderr)
+
+
+#: the decoding flags, on top of every --config; compare's own --seed is the base of the row seeds
+OVERRIDES_PANEL = "Decoding config (overrides every --config)"
+
+
+@config_options(file_option=False, skip=("seed",), panel=OVERRIDES_PANEL)
 @backend_options
 def compare_command(
     task: str = typer.Option(..., "--task", "-t", help="builtin task name or a .jsonl/.csv file"),
@@ -56,7 +90,8 @@ def compare_command(
     limit: Optional[int] = typer.Option(None, "--limit", "-n", help="only the first N items"),  # noqa: UP045
     metric: Optional[list[str]] = typer.Option(None, "--metric", help="metric name or pkg.module:function (repeatable)"),  # noqa: E501,UP045
     seed: int = typer.Option(0, "--seed", help="base seed: row seeds come from (seed, item, repeat)"),
-    output: Optional[Path] = typer.Option(None, "--output", "--out", "-o", help="write every config's rows as JSONL"),  # noqa: UP045
+    output: Optional[Path] = typer.Option(  # noqa: UP045
+        None, "--output", "--out", "-o", metavar="FILE", help="write every config's rows as JSONL"),
     cache: Optional[Path] = typer.Option(None, "--cache", help="SQLite generation cache"),  # noqa: UP045
     scorer: Optional[str] = typer.Option(None, "--scorer", help="model scoring gen_ppl (default: --model)"),  # noqa: UP045
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="rows per forward batch"),  # noqa: UP045
@@ -64,6 +99,7 @@ def compare_command(
     alpha: float = typer.Option(0.05, "--alpha", help="significance level for the verdict column"),
     as_json: bool = typer.Option(False, "--json", help="print machine-readable JSON"),
     *,
+    config_flags: dict[str, Any],
     backend: Any,
 ) -> None:
     """Is B really better than A? Same items, same seeds, paired differences with a paired test."""
@@ -73,8 +109,10 @@ def compare_command(
         raise UserError("--config: give at least two configs (the first is the baseline)")
     if not 0 < alpha < 1:
         raise UserError(f"--alpha: must be in (0, 1), got {alpha}")
-    parsed = [parse_config_arg(c) for c in config]
+    overrides = flag_fields(config_flags)
+    parsed = [parse_config_arg(c, overrides) for c in config]
     labels = [lab for lab, _ in parsed]
+    _warn_ignored(labels, [d for _, d in parsed], overrides)
     from decodetune.eval import compare
 
     cmp = compare(engine_for(model, backend), task, [d for _, d in parsed], split=split, repeats=repeats, limit=limit,
@@ -129,4 +167,5 @@ def verdict(diff: float, p: float, direction: str, alpha: float) -> str:
 
 def register(app: typer.Typer) -> None:
     """Add the command to the CLI."""
-    app.command("compare", help="Compare configs on the same items and seeds with paired tests.")(compare_command)
+    app.command("compare", help="Compare configs on the same items and seeds with paired tests. The decoding "
+                "flags (--max-new-tokens 32, ...) apply on top of every --config.")(compare_command)

@@ -22,9 +22,9 @@ def compare_samplers_command(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="builtin name, HF folder, .gguf or hub id"),
     search: str = typer.Option("random", "--search", "-s", help="random | tpe | gp (grid ignores --budget)"),
     seed: int = typer.Option(0, "--seed", help="sampler seed and base of the row seeds (shared by all families)"),
-    limit: Optional[int] = typer.Option(None, "--limit", help="items per split (dev and test)"),  # noqa: UP045
+    limit: Optional[int] = typer.Option(None, "--limit", "-n", help="items per split (dev and test)"),  # noqa: UP045
     repeats: int = typer.Option(1, "--repeats", "-r", help="seeds per item"),
-    out: Path = typer.Option(Path("decodetune-samplers"), "--out", "--output",
+    out: Path = typer.Option(Path("decodetune-samplers"), "--out", "--output", "-o", metavar="FOLDER",
                              help="folder for the studies, cache and compare_samplers.json"),
     as_json: bool = typer.Option(False, "--json", help="print machine-readable JSON"),
     *,

@@ -31,10 +31,11 @@ DEMO_SPACE = {
 
 @backend_options
 def demo_command(
-    out: Path = typer.Option(Path("decodetune-demo"), "--out", "--output", help="folder for the study and report"),
+    out: Path = typer.Option(Path("decodetune-demo"), "--out", "--output", "-o", metavar="FOLDER",
+                             help="folder for the study and report"),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="model to tune"),
     task: str = typer.Option("arith", "--task", "-t", help="builtin task (closed-ended works best)"),
-    trials: int = typer.Option(12, "--trials", "-n", help="TPE trials"),
+    trials: int = typer.Option(12, "--trials", help="TPE trials"),
     limit: int = typer.Option(32, "--limit", help="items per split (dev and test)"),
     timeout: float = typer.Option(150.0, "--timeout", help="stop starting trials after S seconds"),
     seed: int = typer.Option(0, "--seed", help="sampler and row seed"),

@@ -39,7 +39,8 @@ def distill_command(
     teacher: str = typer.Option("smollm2-135m", "--teacher", help="teacher: builtin name, HF folder, .gguf"),
     student: Path = typer.Option(..., "--student", help="student spec YAML (layers, sizes, norm, init)"),
     data: str = typer.Option(..., "--data", help="prompts JSONL ('prompt' [+ 'completion'] or 'text') or a task"),
-    out: Path = typer.Option(..., "--out", "--output", help="output Hugging Face model directory"),
+    out: Path = typer.Option(..., "--out", "--output", "-o", metavar="FOLDER",
+                             help="output Hugging Face model folder"),
     split: str = typer.Option("dev", "--split", help="task split to train on (when --data is a task)"),
     loss: str = typer.Option("fkl", "--loss", help="ce | fkl (forward KL) | rkl (reverse KL) | jsd"),
     alpha: float = typer.Option(0.0, "--alpha", help="loss = alpha*CE + (1-alpha)*KD"),
@@ -132,12 +133,13 @@ def distill_eval_command(
     teacher_config: Optional[Path] = typer.Option(None, "--teacher-config", help="teacher DecodingConfig"),  # noqa: UP045
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="length of teacher completions"),  # noqa: UP045
     max_length: int = typer.Option(256, "--max-length", help="max tokens per example"),
-    limit: Optional[int] = typer.Option(None, "--limit", help="use the first N rows / task items"),  # noqa: UP045
+    limit: Optional[int] = typer.Option(None, "--limit", "-n", help="use the first N rows / task items"),  # noqa: UP045
     task: Optional[str] = typer.Option(None, "--task", help="also score the task metric with decodetune's evaluate"),  # noqa: UP045
     task_config: Optional[Path] = typer.Option(None, "--task-config", help="DecodingConfig for the task metric"),  # noqa: UP045
     batch_size: int = typer.Option(8, "--batch-size", help="examples per forward pass"),
     seed: int = typer.Option(0, "--seed", help="seed of teacher completions"),
-    output: Optional[Path] = typer.Option(None, "--output", "--out", "-o", help="write the report as JSON here"),  # noqa: UP045
+    output: Optional[Path] = typer.Option(  # noqa: UP045
+        None, "--output", "--out", "-o", metavar="FILE", help="write the report as JSON here"),
 ) -> None:
     """Compare a student with its teacher: perplexity, top-1 agreement, KL, tokens/s, task metric."""
     from decodetune.config import DecodingConfig

@@ -123,7 +123,7 @@ def eval_command(
     limit: Optional[int] = typer.Option(None, "--limit", "-n", help="only the first N items"),  # noqa: UP045
     metric: Optional[list[str]] = typer.Option(None, "--metric", help="metric name or pkg.module:function (repeatable; default: the task's)"),  # noqa: E501,UP045
     output: Optional[Path] = typer.Option(  # noqa: UP045
-        None, "--output", "--out", "-o", help="write generations and scores as JSONL"),
+        None, "--output", "--out", "-o", metavar="FILE", help="write generations and scores as JSONL"),
     cache: Optional[Path] = typer.Option(None, "--cache", help="SQLite generation cache to read and fill"),  # noqa: UP045
     scorer: Optional[str] = typer.Option(None, "--scorer", help="model scoring gen_ppl (default: --model)"),  # noqa: UP045
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="rows per forward batch"),  # noqa: UP045

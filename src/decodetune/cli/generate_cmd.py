@@ -20,7 +20,8 @@ def generate_command(
     prompt: Optional[list[str]] = typer.Option(None, "--prompt", "-p", help="prompt text (repeatable)"),  # noqa: UP045
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="builtin name, HF folder, .gguf or hub id"),
     input: Optional[Path] = typer.Option(None, "--input", "-i", help="JSONL with 'prompt' or 'messages' per line"),  # noqa: UP045,A002
-    output: Optional[Path] = typer.Option(None, "--output", "--out", "-o", help="write generations as JSONL here"),  # noqa: UP045
+    output: Optional[Path] = typer.Option(  # noqa: UP045
+        None, "--output", "--out", "-o", metavar="FILE", help="write generations as JSONL here"),
     as_json: bool = typer.Option(False, "--json", help="print machine-readable JSON"),
     logprobs: bool = typer.Option(False, "--logprobs", help="include per-token logprobs of chosen tokens"),
     raw: bool = typer.Option(False, "--raw", help="send text as-is, without the chat template"),

@@ -91,8 +91,19 @@ def _bad_value(e: Any) -> str:
     return msg
 
 
+#: short flags a command used to give another meaning: ``-n`` was --trials and ``-o`` --objective in these.
+#: Refused with the spelling to use rather than reused at once, so that ``tune -n 20`` (20 trials) does not
+#: quietly become 20 items. Everywhere else ``-n`` is ``--limit`` and ``-o`` is ``--output`` / ``--out``.
+RETIRED_SHORT = {("tune", "-n"): "--trials", ("worker", "-n"): "--trials", ("demo", "-n"): "--trials",
+                 ("tune", "-o"): "--objective", ("worker", "-o"): "--objective"}
+
+
 def usage_error_line(e: Any) -> str:
     """One line for a click/typer usage error (bad value, unknown or missing option, extra argument)."""
+    command = getattr(getattr(e, "ctx", None), "info_name", None)
+    if isinstance(e, click_errors.NoSuchOption) and (command, e.option_name) in RETIRED_SHORT:
+        return (f"{e.option_name}: no such option in {command}; use {RETIRED_SHORT[command, e.option_name]} "
+                "(elsewhere -n means --limit and -o --output)")
     if isinstance(e, click_errors.NoSuchOption):
         close = ", ".join(getattr(e, "possibilities", None) or [])
         return f"{e.option_name}: no such option" + (f" (did you mean {close}?)" if close else "")
@@ -105,7 +116,6 @@ def usage_error_line(e: Any) -> str:
     msg = " ".join(e.format_message().split()).rstrip(".")
     if msg.startswith("No such command"):
         msg += f" (commands: {', '.join(c.name for c in app.registered_commands if c.name)})"
-    command = getattr(getattr(e, "ctx", None), "info_name", None)
     prefix = f"{command}: " if command and command != "decodetune" and not msg.startswith("No such command") else ""
     return prefix + msg[:1].lower() + msg[1:]
 

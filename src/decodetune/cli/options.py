@@ -67,24 +67,33 @@ def _flag_names(name: str) -> list[str]:
     return flags
 
 
-def config_options(func: Any) -> Any:
-    """Decorator: add ``--config`` and one flag per config field; call ``func(..., config_flags=dict)``."""
+def config_options(func: Any = None, *, file_option: bool = True, skip: tuple[str, ...] = (),
+                   panel: str = PANEL) -> Any:
+    """Decorator: add ``--config`` and one flag per config field; call ``func(..., config_flags=dict)``.
+
+    ``@config_options`` as is, or ``@config_options(file_option=False, skip=("seed",), panel=...)`` for a
+    command with its own ``--config`` (``compare`` takes several) or its own flag for a field.
+    """
+    if func is None:
+        return functools.partial(config_options, file_option=file_option, skip=skip, panel=panel)
     sig = inspect.signature(func)
     params = [p for p in sig.parameters.values() if p.name != "config_flags"]
     extra = [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY,
                                default=typer.Option(None, "--config", "-c", help="DecodingConfig JSON/YAML file",
-                                                    rich_help_panel=PANEL),
-                               annotation=Optional[Path])]  # noqa: UP045
+                                                    rich_help_panel=panel),
+                               annotation=Optional[Path])] if file_option else []  # noqa: UP045
     names = []
     for f in dataclasses.fields(DecodingConfig):
+        if f.name in skip:
+            continue
         names.append(f.name)
         extra.append(inspect.Parameter(
             f"cfg_{f.name}", inspect.Parameter.KEYWORD_ONLY, annotation=_option_type(f),
-            default=typer.Option(None, *_flag_names(f.name), help=_HELP.get(f.name, ""), rich_help_panel=PANEL)))
+            default=typer.Option(None, *_flag_names(f.name), help=_HELP.get(f.name, ""), rich_help_panel=panel)))
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        flags: dict[str, Any] = {"__file__": kwargs.pop("config", None)}
+        flags: dict[str, Any] = {"__file__": kwargs.pop("config", None)} if file_option else {}
         for name in names:
             value = kwargs.pop(f"cfg_{name}", None)
             if value is not None and value != []:
@@ -95,18 +104,23 @@ def config_options(func: Any) -> Any:
     return wrapper
 
 
+def flag_fields(config_flags: dict[str, Any]) -> dict[str, Any]:
+    """The config fields the flags set, as DecodingConfig takes them (``--early-stopping true`` -> True)."""
+    flags = {k: v for k, v in config_flags.items() if k != "__file__"}
+    if "early_stopping" in flags:
+        flags["early_stopping"] = _parse_early_stopping(flags["early_stopping"])
+    return flags
+
+
 def build_config(config_flags: dict[str, Any]) -> DecodingConfig:
     """Merge flags over the ``--config`` file (if any) into a validated DecodingConfig.
 
     Prints ``warning: <field> is ignored by strategy <s>`` on stderr for each set field the strategy
     never reads (``--strategy greedy --temperature 0.7``): valid, but probably not what was meant.
     """
-    flags = dict(config_flags)
-    path = flags.pop("__file__", None)
+    path = config_flags.get("__file__")
     base = DecodingConfig.load(path).to_dict() if path else {}
-    if "early_stopping" in flags:
-        flags["early_stopping"] = _parse_early_stopping(flags["early_stopping"])
-    base.update(flags)
+    base.update(flag_fields(config_flags))
     config = DecodingConfig.from_dict(base, source=str(path) if path else "flags")
     for line in config.ignored_field_warnings():
         typer.echo(f"warning: {line}", err=True)

@@ -13,7 +13,7 @@ def report_command(
     storage: str = typer.Option(..., "--storage", help="Optuna storage URL or *.journal file of the study"),
     study_name: Optional[str] = typer.Option(  # noqa: UP045
         None, "--study-name", help="study to report (default: the storage's only study)"),
-    out: Path = typer.Option(Path("report.html"), "--out", "--output", "-o", help="HTML file to write"),
+    out: Path = typer.Option(Path("report.html"), "--output", "--out", "-o", metavar="FILE", help="HTML file to write"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="don't print the summary tables"),
 ) -> None:
     """Write an HTML report of a study from its storage alone."""
@@ -21,7 +21,7 @@ def report_command(
     from decodetune.tuning.report import load_study, print_summary, write_report
     from decodetune.tuning.study import check_storage_exists
 
-    check_output_path(out, "--out")
+    check_output_path(out, "--output")
     check_storage_exists(storage)  # opening a missing sqlite:/// file would create an empty database
 
     study = load_study(storage, study_name)

@@ -12,7 +12,7 @@ _ARROW = {"max": "↑", "min": "↓", "none": "·"}
 
 def tasks_command(
     name: Optional[str] = typer.Argument(None, help="a builtin task or a .jsonl/.csv file to show"),  # noqa: UP045
-    examples: int = typer.Option(3, "--examples", "-n", help="example items to show with NAME"),
+    examples: int = typer.Option(3, "--examples", "--limit", "-n", help="show the first N items of NAME"),
     as_json: bool = typer.Option(False, "--json", help="print machine-readable JSON"),
 ) -> None:
     """List builtin tasks: kind, metrics (primary first, ↑ higher is better), splits, default config."""

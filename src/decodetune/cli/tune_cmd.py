@@ -20,11 +20,11 @@ def tune_command(
     task: str = typer.Option(..., "--task", "-t", help="builtin task name or a .jsonl/.csv file"),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="builtin name, HF folder, .gguf or hub id"),
     search: str = typer.Option("tpe", "--search", "-s", help=SEARCH_HELP),
-    trials: int = typer.Option(20, "--trials", "--n-trials", "-n",
+    trials: int = typer.Option(20, "--trials", "--n-trials",
                                help="completed trials wanted in the study (earlier runs count)"),
     space: Optional[Path] = typer.Option(None, "--space", help="search space YAML (default: built-in)"),  # noqa: UP045
     objective: Optional[list[str]] = typer.Option(  # noqa: UP045
-        None, "--objective", "-o", help="metric[:max|min], repeatable (several = Pareto front); "
+        None, "--objective", help="metric[:max|min], repeatable (several = Pareto front); "
         "default: the task's primary metric"),
     storage: Optional[str] = typer.Option(  # noqa: UP045
         None, "--storage", help="Optuna storage URL or *.journal file (default: OUT/study.db)"),
@@ -35,7 +35,8 @@ def tune_command(
     repeats: int = typer.Option(1, "--repeats", "-r", help="seeds per item for sampling configs"),
     seed: int = typer.Option(0, "--seed", help="sampler seed and base of the row seeds"),
     limit: Optional[int] = typer.Option(None, "--limit", help="items per split (dev and test)"),  # noqa: UP045
-    out: Path = typer.Option(Path("decodetune-out"), "--out", "--output", help="folder for study, cache and outputs"),
+    out: Path = typer.Option(Path("decodetune-out"), "--out", "--output", metavar="FOLDER",
+                             help="folder for study, cache and outputs"),
     batch_trials: Optional[int] = typer.Option(  # noqa: UP045
         None, "--batch-trials", help="trials evaluated together in one generate batch"),
     prune: bool = typer.Option(True, "--prune/--no-prune", help="WilcoxonPruner on per-item scores"),

@@ -22,7 +22,7 @@ def verify_command(
         None, "--against-model", help="model for --against (default --model)"),
     split: str = typer.Option("test", "--split", help="dev | test"),
     repeats: int = typer.Option(1, "--repeats", "-r", help="samples per item for sampling configs"),
-    limit: Optional[int] = typer.Option(None, "--limit", help="only the first N items"),  # noqa: UP045
+    limit: Optional[int] = typer.Option(None, "--limit", "-n", help="only the first N items"),  # noqa: UP045
     seed: int = typer.Option(0, "--seed", help="base of the row seeds (the same in both engines)"),
     raw: bool = typer.Option(False, "--raw", help="send prompts as-is, without the chat template"),
     as_json: bool = typer.Option(False, "--json", help="print machine-readable JSON"),

@@ -20,13 +20,13 @@ def worker_command(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="builtin name, HF folder, .gguf or hub id"),
     search: str = typer.Option("tpe", "--search", "-s", help=SEARCH_HELP),
     n_trials: Optional[int] = typer.Option(  # noqa: UP045
-        None, "--n-trials", "--trials", "-n", help="trials THIS worker runs (default 10; grid: until done)"),
+        None, "--n-trials", "--trials", help="trials THIS worker runs (default 10; grid: until done)"),
     space: Optional[Path] = typer.Option(None, "--space", help="search space YAML (default: built-in)"),  # noqa: UP045
-    objective: Optional[list[str]] = typer.Option(None, "--objective", "-o", help="metric[:max|min]"),  # noqa: UP045
+    objective: Optional[list[str]] = typer.Option(None, "--objective", help="metric[:max|min]"),  # noqa: UP045
     repeats: int = typer.Option(1, "--repeats", "-r", help="seeds per item for sampling configs"),
     seed: int = typer.Option(0, "--seed", help="base of the row seeds (the same for every worker)"),
     limit: Optional[int] = typer.Option(None, "--limit", help="items per split"),  # noqa: UP045
-    out: Path = typer.Option(Path("decodetune-out"), "--out", "--output",
+    out: Path = typer.Option(Path("decodetune-out"), "--out", "--output", metavar="FOLDER",
                              help="folder for this machine's generation cache"),
     batch_trials: Optional[int] = typer.Option(None, "--batch-trials", help="trials per generate batch"),  # noqa: UP045
     prune: bool = typer.Option(True, "--prune/--no-prune", help="WilcoxonPruner on per-item scores"),
