@@ -250,15 +250,27 @@ def _json(v: Any) -> Any:
     return v
 
 
+def essential_fields(config: DecodingConfig) -> dict[str, Any]:
+    """The fields that decide what ``config`` generates: set away from their defaults and read by its strategy.
+
+    ``best_config.json`` of a beam winner has no ``temperature`` or ``top_k`` in it: fields the strategy
+    ignores change nothing, and a default is what :meth:`DecodingConfig.load` fills in anyway.
+    """
+    ignored = set(config.ignored_fields())
+    return {k: v for k, v in config.to_dict(only_set=True).items() if k not in ignored}
+
+
 def write_outputs(result: TuneResult) -> dict[str, str]:
     """best_config.json, exports (with what each target dropped) and summary.json in the out folder."""
     out = Path(result.out_dir)
     files: dict[str, str] = {}
     if result.best_config is None:
         return files
-    best = result.best_config
+    fields = essential_fields(result.best_config)
+    # the file, the exports and the result say the same config: the one a user loads back from the file
+    best = result.best_config = DecodingConfig.from_dict(fields, source="best_config.json")
     path = out / "best_config.json"
-    best.save(path)
+    write_json(path, fields)
     files["best_config"] = str(path)
     from decodetune.tuning.exports import write_exports
 

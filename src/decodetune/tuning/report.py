@@ -162,55 +162,86 @@ _KNOB_NOTE = ("Per parameter: Optuna's PED-ANOVA importance, and the two fully e
 def print_summary(study: Any, console: Any = None, top: int = 8) -> None:
     """The headline, then rich tables: best trials, totals, the test-split comparison, which knobs matter."""
     from rich.console import Console
-    from rich.table import Table
 
     console = console or Console()
     d = collect(study)
     objs = d["objectives"]
     if d["headline"]:
         console.print(f"[bold]{d['headline']}[/]", highlight=False)
-    table = Table(title=f"study {d['name']}: best trials on {d['attrs'].get('dev_split', 'dev')}")
-    for col in ["#", *[f"{n} ({dr})" for n, dr in objs], "config", "tokens", "note"]:
-        table.add_column(col, overflow="fold")
-    for t in d["ranked"][:top]:
-        table.add_row(*_trial_row(t, objs))
-    console.print(table)
+    header = ["#", *[f"{n} ({dr})" for n, dr in objs], "config", "tokens", "note"]
+    print_table(console, f"study {d['name']}: best trials on {d['attrs'].get('dev_split', 'dev')}", header,
+                [_trial_row(t, objs) for t in d["ranked"][:top]])
     totals = d["attrs"].get("totals", {})
     console.print(f"trials: {d['n_complete']} complete, {d['n_pruned']} pruned, {d['n_failed']} failed; "
                   f"generated tokens: {totals.get('tokens_generated', 0)}; saved by pruning (est.): "
                   f"{totals.get('tokens_saved_by_pruning', 0)}; rows from cache: {totals.get('cache_hits', 0)}")
     final = d["attrs"].get("final")
     if final:
-        ft = Table(title=f"{final['split']} split ({final['n_items']} items"
-                         + ("" if final.get("held_out", True) else "; not a separate split") + ")")
-        ft.add_column("config")
+        header = ["config"]
         for n, _ in objs:
-            ft.add_column(n)
-            ft.add_column(f"Δ {n} vs default [95% CI]")
-            ft.add_column("p (Holm)")
+            header += [n, f"Δ {n} vs default [95% CI]", "p (Holm)"]
+        rows = []
         for row in final["rows"]:
             cells = [row["name"] + (f" vs {row['vs']}" if row.get("vs") else "")]
             for n, _ in objs:
                 p = row.get("paired", {}).get(n, {})
                 cells += [_ci(row["metrics"].get(n)), _diff(p), _p_cell(p)]
-            ft.add_row(*cells)
-        console.print(ft)
+            rows.append(cells)
+        print_table(console, f"{final['split']} split ({final['n_items']} items"
+                    + ("" if final.get("held_out", True) else "; not a separate split") + ")", header, rows)
         for name, gap in (final.get("dev_to_test_gap") or {}).items():
             console.print(f"dev-to-test gap of {name}: "
                           + ", ".join(f"{k} {_fmt(v, 3)}" for k, v in gap.items()))
         if (final.get("power") or {}).get("sentence"):
             console.print(final["power"]["sentence"], highlight=False)
     if d["knobs"]:
-        kt = Table(title=f"which knobs matter ({d['attrs'].get('dev_split', 'dev')}, paired per-item scores)")
-        for col in KNOB_HEADER:
-            kt.add_column(col, overflow="fold")
-        for r in _knob_rows(d["knobs"]):
-            kt.add_row(*r)
-        console.print(kt)
+        print_table(console, f"which knobs matter ({d['attrs'].get('dev_split', 'dev')}, paired per-item scores)",
+                    KNOB_HEADER, _knob_rows(d["knobs"]))
     if d["attrs"].get("final_error"):
         console.print(f"[yellow]test-split check failed: {d['attrs']['final_error']}[/]")
     for line in export_lines(d["attrs"]):
         console.print(f"[yellow]{line}[/]", highlight=False)
+
+
+def print_table(console: Any, title: str, header: list[str], rows: list[list[str]]) -> None:
+    """A rich table that breaks cells only between words: a number or ``k=v`` item is never cut in two.
+
+    Each column is at least as wide as its longest word (header included); the room left goes first to
+    the columns that then fit on one line, the rest to the column with the most text (the config). When
+    even the longest words are wider than the console together (many columns at 80), each row
+    is printed as one wrapped line of ``header value`` pairs instead.
+    """
+    from rich.cells import cell_len
+    from rich.markup import escape
+    from rich.padding import Padding
+    from rich.table import Table
+
+    def longest_word(text: str) -> int:
+        return max((cell_len(w) for w in str(text).split()), default=1)
+
+    columns = list(zip(header, *rows, strict=True)) if rows else [(h,) for h in header]
+    need = [max(longest_word(c) for c in col) for col in columns]
+    want = [max(cell_len(str(c)) for c in col) for col in columns]
+    room = console.width - (3 * len(header) + 1)  # a border before each column and after the last, padding 1+1
+    if sum(need) > room:
+        console.print(f"[italic]{escape(title)}[/]", justify="center", highlight=False)
+        for r in rows:
+            parts = [f"{h} {c}" for h, c in zip(header[1:], r[1:], strict=True) if str(c).strip()]
+            label = ("#" if header[0] == "#" else "") + str(r[0])
+            console.print(Padding(f"[bold]{escape(label)}[/]: " + escape("; ".join(parts)), (0, 0, 0, 2)))
+        return
+    widths = list(need)
+    spare = room - sum(widths)
+    for i in sorted(range(len(widths)), key=lambda j: want[j] - need[j]):  # short cells on one line first
+        grow = min(spare, want[i] - widths[i])
+        widths[i] += grow
+        spare -= grow
+    table = Table(title=title)
+    for h, w, m in zip(header, widths, want, strict=True):
+        table.add_column(h, width=None if w >= m else w, min_width=w, overflow="fold")
+    for r in rows:
+        table.add_row(*[escape(str(c)) for c in r])
+    console.print(table)
 
 
 def _p_cell(p: dict[str, Any]) -> str:
