@@ -166,10 +166,10 @@ def eval_command(
     from rich.console import Console
 
     console = Console(width=120)
-    title = (f"{result.task} \\[{result.split}] · {result.model} ({result.backend}) · {len(result.item_ids)} items"
+    title = (f"{result.task} \\[{result.split}] · {result.model} · {len(result.item_ids)} items"
              + (f" x {result.repeats} repeats" if result.repeats > 1 else ""))
     console.print(result_table(result, title))
-    console.print(f"config: {json.dumps(result.config.to_dict(only_set=True))}")
+    console.print(f"backend: {result.backend}; config: {json.dumps(result.config.to_dict(only_set=True))}")
     console.print(f"{result.num_tokens} tokens ({result.num_tokens_generated} generated, "
                   f"{fmt(result.tokens_per_s, 3)} tok/s), cache hits {result.cache_hits}/{len(result.rows)}, "
                   f"{result.wall_s:.1f} s")
