@@ -194,6 +194,15 @@ def test_tpe_four_workers_then_report_and_status(pg_db, workdir, tmp_path):
     assert info["best_value"] == max(t.value for t in s.trials if not t.user_attrs.get("pruned"))
 
 
+def _has_trial(url: str, study: str) -> bool:
+    import optuna
+
+    try:
+        return bool(optuna.load_study(study_name=study, storage=url).trials)
+    except KeyError:  # not created yet
+        return False
+
+
 def test_connection_drop_mid_study_reconnects(pg_db, workdir):
     from optuna.trial import TrialState
 
@@ -205,6 +214,10 @@ def test_connection_drop_mid_study_reconnects(pg_db, workdir):
     killed = 0
     conn = _connect(ADMIN_DB)
     deadline = time.time() + 120
+    # mid-study: the drops start once the worker has created the study and asked a trial (a drop while
+    # the study is being created is another fault, which this test is not about)
+    while time.time() < deadline and proc.poll() is None and not _has_trial(pg_db, study):
+        time.sleep(0.2)
     while time.time() < deadline and proc.poll() is None and killed < 3:
         time.sleep(1.5)
         cur = conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "

@@ -259,7 +259,11 @@ def storage_failure(error: BaseException, url: str | None) -> str | None:
     """
     import sqlalchemy.exc
 
-    if not isinstance(error, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError):
+    lost = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
+    # Optuna wraps a failed commit in StorageInternalError: the dropped connection is its cause
+    while error is not None and not isinstance(error, lost):
+        error = error.__cause__ or error.__context__
+    if error is None:
         return None
     from decodetune.tuning.study import _redact
 
