@@ -66,3 +66,25 @@ def smollm2():
 
 def pytest_configure(config):
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_pair):
+    """The tiny random model saved as a Hugging Face folder (for CLI tests)."""
+    model, tok = tiny_pair
+    d = tmp_path_factory.mktemp("tiny_model")
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture()
+def engine(tiny_pair, monkeypatch):
+    """The evaluation's generation seam replaced by test_eval's deterministic fake engine."""
+    from decodetune.evaluation import runner
+    from decodetune.models.handle import LoadedModel
+    from test_eval import FakeEngine
+
+    fake = FakeEngine(LoadedModel(*tiny_pair, name="tiny"))
+    monkeypatch.setattr(runner, "_generate", fake)
+    return fake

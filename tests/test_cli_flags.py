@@ -12,9 +12,6 @@ import pytest
 import typer.main
 
 from decodetune.cli.main import app, main
-from decodetune.evaluation import runner
-from decodetune.models.handle import LoadedModel
-from test_eval import FakeEngine
 
 
 def _options() -> list[tuple[str, object]]:
@@ -116,20 +113,6 @@ def test_help_documents_output_for_files_and_out_for_folders():
 # ---------------------------------------------------------------- compare takes the decoding flags
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tiny_pair):
-    model, tok = tiny_pair
-    d = tmp_path_factory.mktemp("tiny_model")
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
-
-
-@pytest.fixture()
-def engine(tiny_pair, monkeypatch):
-    fake = FakeEngine(LoadedModel(*tiny_pair, name="tiny"))
-    monkeypatch.setattr(runner, "_generate", fake)
-    return fake
 
 
 def test_compare_applies_the_decoding_flags_on_top_of_every_config(model_dir, engine, tmp_path, capsys):

@@ -4,28 +4,7 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from decodetune.cli.main import main
-from decodetune.evaluation import runner
-from decodetune.models.handle import LoadedModel
-from test_eval import FakeEngine
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tiny_pair):
-    model, tok = tiny_pair
-    d = tmp_path_factory.mktemp("tiny_model")
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
-
-
-@pytest.fixture()
-def engine(tiny_pair, monkeypatch):
-    fake = FakeEngine(LoadedModel(*tiny_pair, name="tiny"))
-    monkeypatch.setattr(runner, "_generate", fake)
-    return fake
 
 
 def run(capsys, *argv):

@@ -22,7 +22,6 @@ self-consistency tie goes to the answer seen first, and ``best_of_n`` by mean lo
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Callable, Sequence
 from functools import lru_cache
@@ -33,6 +32,7 @@ import numpy as np
 from decodetune.backends.base import Backend, Request
 from decodetune.config import MBR_UTILITIES, RERANKERS, DecodingConfig, candidate_config
 from decodetune.errors import UserError
+from decodetune.metrics.base import load_function
 
 __all__ = ["best_of_n", "candidate_config", "generate_candidates", "majority_vote", "mbr_matrix", "mbr_select",
            "select", "select_row", "utility_fn"]
@@ -92,19 +92,6 @@ def check_selector(cfg: DecodingConfig) -> None:
         load_function(cfg.mbr_utility, "mbr_utility")
     if cfg.strategy == "best_of_n" and cfg.rerank not in RERANKERS:
         load_function(cfg.rerank, "rerank")
-
-
-def load_function(spec: str, field: str) -> Callable[..., Any]:
-    """``pkg.module:function`` imported; the error names the config field."""
-    modname, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(modname)
-    except Exception as e:  # noqa: BLE001 - any import failure is the user's module
-        raise UserError(f"{field}: cannot import module {modname!r} ({type(e).__name__}: {e})") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise UserError(f"{field}: module {modname!r} has no function {attr!r}")
-    return fn
 
 
 # ==================================================================== the row's pick

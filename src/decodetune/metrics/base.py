@@ -190,16 +190,21 @@ def get_metric(spec: str | Metric | Callable[..., Any]) -> Metric:
     raise UserError(f"unknown metric {spec!r}; known: {', '.join(known)}, or pkg.module:function")
 
 
-def _import_user_metric(spec: str) -> Metric:
+def load_function(spec: str, field: str) -> Callable[..., Any]:
+    """``pkg.module:function`` imported; the one-line error names ``field`` (a metric, a config field)."""
     modname, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(modname)
     except Exception as e:  # noqa: BLE001 - any import failure is the user's module
-        raise UserError(f"metric {spec!r}: cannot import module {modname!r} ({type(e).__name__}: {e})") from None
+        raise UserError(f"{field}: cannot import module {modname!r} ({type(e).__name__}: {e})") from None
     fn = getattr(module, attr, None)
     if fn is None or not callable(fn):
-        raise UserError(f"metric {spec!r}: module {modname!r} has no function {attr!r}")
-    return user_metric(fn, spec)
+        raise UserError(f"{field}: module {modname!r} has no function {attr!r}")
+    return fn
+
+
+def _import_user_metric(spec: str) -> Metric:
+    return user_metric(load_function(spec, f"metric {spec!r}"), spec)
 
 
 def user_metric(fn: Callable[..., Any], name: str) -> Metric:
