@@ -258,12 +258,14 @@ def storage_failure(error: BaseException, url: str | None) -> str | None:
     the message says so and how to continue.
     """
     import sqlalchemy.exc
+    from optuna.exceptions import StorageInternalError
 
     lost = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
-    # Optuna wraps a failed commit in StorageInternalError: the dropped connection is its cause
-    while error is not None and not isinstance(error, lost):
+    # Optuna wraps a failed commit in StorageInternalError: the dropped connection is its cause. Nothing
+    # else is unwrapped (a UserError such as "cannot open" already says what happened).
+    if isinstance(error, StorageInternalError):
         error = error.__cause__ or error.__context__
-    if error is None:
+    if not isinstance(error, lost):
         return None
     from decodetune.tuning.study import _redact
 
