@@ -64,7 +64,8 @@ def demo_command(
     if resuming:  # the first line: a re-run continues the study (and reuses its cached generations)
         print(resuming, file=sys.stderr, flush=True)
     n_threads = set_threads(threads)
-    print(f"decodetune demo: TPE search over greedy / beam / sampling for {model} on task {task} "
+    kinds = "greedy / beam / sampling" if backend.name == "torch" else f"greedy / sampling on {backend.name}"
+    print(f"decodetune demo: TPE search over {kinds} for {model} on task {task} "
           f"({trials} trials, {limit} dev + {limit} test items, {n_threads} CPU thread(s))", file=sys.stderr)
     options = with_model_flags(backend, threads=n_threads)
     result = run_tune(task=task, model=model, search="tpe", trials=trials,
