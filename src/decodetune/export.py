@@ -21,30 +21,33 @@ class ExportError(UserError):
     """A set config field has no equivalent in the export target."""
 
 
-_NEUTRAL: dict[str, Any] = {
+#: The value of each optional field that means "off" (exporters and backends' capability checks share it).
+NEUTRAL: dict[str, Any] = {
     "min_new_tokens": 0, "stop": [], "top_k": 0, "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0,
     "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
     "frequency_penalty": 0.0, "no_repeat_ngram_size": 0, "length_penalty": 1.0, "early_stopping": False,
-    "num_return_sequences": 1, "seed": None,
+    "num_return_sequences": 1, "seed": None, "temperature": 1.0,
 }
 
-_SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
+SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
+BEAM_FIELDS = ("length_penalty", "early_stopping")
 
 
-def _active(cfg: DecodingConfig, name: str) -> bool:
-    """Whether a field changes what the config generates."""
-    if name in _SAMPLING_FIELDS and not cfg.is_sampling:
+def active(cfg: DecodingConfig, name: str) -> bool:
+    """Whether field ``name`` changes what ``cfg`` generates (set away from neutral, and used by its strategy)."""
+    if name in SAMPLING_FIELDS and not cfg.is_sampling:
         return False  # greedy/beam ignore the sampling fields
-    if name in ("length_penalty", "early_stopping") and not cfg.is_beam:
+    if name in BEAM_FIELDS and not cfg.is_beam:
         return False
-    if name == "temperature":
-        return cfg.temperature != 1.0
-    return getattr(cfg, name) != _NEUTRAL[name]
+    if name not in NEUTRAL:
+        return False
+    return getattr(cfg, name) != NEUTRAL[name]
+
 
 
 def _unsupported(cfg: DecodingConfig, target: str, fields: list[str], strict: bool, why: str = "") -> None:
     for name in fields:
-        if name in ("strategy", "sampler_order") or _active(cfg, name):
+        if name in ("strategy", "sampler_order") or active(cfg, name):
             msg = f"{name}={getattr(cfg, name)!r} has no equivalent in {target}{why}"
             if strict:
                 raise ExportError(f"{name}: {msg} (use strict=False to drop it)")
@@ -63,8 +66,8 @@ def _drop_selection(cfg: DecodingConfig, target: str, strict: bool) -> DecodingC
 
 def _order_matters(cfg: DecodingConfig, fixed: tuple[str, ...]) -> bool:
     """True if the config's order of *active* samplers differs from a target's fixed order."""
-    mine = [s for s in cfg.full_sampler_order if _active(cfg, s)]
-    theirs = [s for s in fixed if _active(cfg, s)]
+    mine = [s for s in cfg.full_sampler_order if active(cfg, s)]
+    theirs = [s for s in fixed if active(cfg, s)]
     if set(mine) != set(theirs):
         return False  # missing samplers are reported separately
     # temperature before/after a truncation only matters for truncations that read probabilities
@@ -90,7 +93,7 @@ def to_hf(cfg: DecodingConfig, strict: bool = True) -> dict[str, Any]:
     if cfg.is_sampling:
         out.update(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
         for name in ("min_p", "typical_p", "epsilon_cutoff", "eta_cutoff"):
-            if _active(cfg, name):
+            if active(cfg, name):
                 out[name] = getattr(cfg, name)
     if cfg.repetition_penalty != 1.0:
         out["repetition_penalty"] = cfg.repetition_penalty
@@ -126,7 +129,7 @@ def to_vllm(cfg: DecodingConfig, strict: bool = True) -> dict[str, Any]:
     if cfg.stop:
         out["stop"] = list(cfg.stop)
     for name in ("repetition_penalty", "presence_penalty", "frequency_penalty", "seed"):
-        if getattr(cfg, name) != _NEUTRAL[name]:
+        if getattr(cfg, name) != NEUTRAL[name]:
             out[name] = getattr(cfg, name)
     return out
 

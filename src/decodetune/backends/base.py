@@ -20,16 +20,11 @@ from decodetune.config import DecodingConfig, candidate_config
 from decodetune.decoding.types import Generation
 from decodetune.errors import UserError
 
-#: The value of each optional field that means "off": a field at this value needs no capability.
-NEUTRAL: dict[str, Any] = {
-    "min_new_tokens": 0, "stop": [], "top_k": 0, "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0,
-    "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
-    "frequency_penalty": 0.0, "no_repeat_ngram_size": 0, "length_penalty": 1.0, "early_stopping": False,
-    "num_return_sequences": 1, "seed": None, "temperature": 1.0,
-}
-#: Fields that only shape the sampling distribution (ignored by greedy and beam search).
-SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
-BEAM_FIELDS = ("length_penalty", "early_stopping")
+# what "off" means per field, and whether a field is in use: one definition, shared with the exporters
+from decodetune.export import BEAM_FIELDS, NEUTRAL, SAMPLING_FIELDS, active
+
+__all__ = ["BEAM_FIELDS", "NEUTRAL", "SAMPLING_FIELDS", "Backend", "Capabilities", "Request", "active",
+           "check_config", "order_differs", "requests_of", "sequence_seed", "unsupported"]
 
 
 @dataclass(frozen=True)
@@ -103,17 +98,6 @@ class Backend(Protocol):
     def close(self) -> None:
         """Release the engine (threads, sockets, contexts)."""
         ...
-
-
-def active(cfg: DecodingConfig, name: str) -> bool:
-    """Whether field ``name`` changes what ``cfg`` generates (set, and used by its strategy)."""
-    if name in SAMPLING_FIELDS and not cfg.is_sampling:
-        return False
-    if name in BEAM_FIELDS and not cfg.is_beam:
-        return False
-    if name not in NEUTRAL:
-        return False
-    return getattr(cfg, name) != NEUTRAL[name]
 
 
 def order_differs(cfg: DecodingConfig, fixed: Sequence[str]) -> bool:
