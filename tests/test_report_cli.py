@@ -24,12 +24,8 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tiny_pair, tmp_path_factory):
-    model, tok = tiny_pair
-    path = tmp_path_factory.mktemp("tiny-model")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+def tiny_dir(model_dir):
+    return str(model_dir)  # conftest's tiny model folder, as a CLI argument
 
 
 @pytest.fixture(scope="module")

@@ -116,7 +116,8 @@ def summarize_result(result: Any, objectives: list[Objective]) -> dict[str, Any]
     metrics = {}
     for obj in objectives:
         m = result.metrics[obj.metric]
-        metrics[obj.metric] = {"value": _f(m.value), "ci_low": _f(m.ci_low), "ci_high": _f(m.ci_high)}
+        metrics[obj.metric] = {"value": finite_or_none(m.value),
+                                "ci_low": finite_or_none(m.ci_low), "ci_high": finite_or_none(m.ci_high)}
     rows = getattr(result, "rows", []) or []
     return {
         "metrics": metrics,
@@ -147,7 +148,8 @@ def compact_scores(values: Any) -> list[float | int | None]:
     return out
 
 
-def _f(v: Any) -> float | None:
+def finite_or_none(v: Any) -> float | None:
+    """A finite float, or None (JSON has no NaN)."""
     if v is None:
         return None
     v = float(v)

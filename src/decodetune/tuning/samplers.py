@@ -11,12 +11,12 @@ test) against each other one; both families of p-values are Holm-corrected.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from decodetune.errors import UserError
+from decodetune.tuning.runner import finite_or_none
 
 #: the temperatures every family searches (shared, so only the truncation knob differs)
 TEMPERATURES = [0.3, 0.6, 1.0, 1.5, 2.0]
@@ -108,9 +108,9 @@ def compare_samplers(backend: Any, task: Any, families: list[str], budget: int, 
         cmp = compare_fn(backend, task_obj, [{"strategy": "greedy"}] + [r.best_config for r in scored],
                          metrics=[metric], **common)
         summary["metric"] = metric
-        summary["greedy_test"] = _num(cmp.results[0].metrics[metric].value)
+        summary["greedy_test"] = finite_or_none(cmp.results[0].metrics[metric].value)
         for r, res in zip(scored, cmp.results[1:], strict=True):
-            r.test_value = _num(res.metrics[metric].value)
+            r.test_value = finite_or_none(res.metrics[metric].value)
         for d in cmp.differences:
             if d.metric == metric:
                 scored[d.config_index - 1].vs_greedy = _paired(d)
@@ -135,17 +135,10 @@ def _against_the_best(backend: Any, task: Any, scored: list[FamilyResult], metri
 
 
 def _paired(d: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {k: _num(getattr(d, k, None)) for k in ("diff", "ci_low", "ci_high", "p_value", "p_holm")}
+    keys = ("diff", "ci_low", "ci_high", "p_value", "p_holm")
+    out: dict[str, Any] = {k: finite_or_none(getattr(d, k, None)) for k in keys}
     out["test"] = getattr(d, "test", None)
     return out
-
-
-def _num(v: Any) -> float | None:
-    """A finite float, or None (JSON has no NaN)."""
-    if v is None:
-        return None
-    v = float(v)
-    return v if math.isfinite(v) else None
 
 
 def _load(task: Any) -> Any:
