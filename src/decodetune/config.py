@@ -19,10 +19,14 @@ from typing import Any
 
 import yaml
 
+from decodetune import config_checks
+from decodetune.config_checks import DEFAULT_DRY_BREAKERS
 from decodetune.errors import ConfigError, UserError
 
 #: Strategies the engines run themselves.
-ENGINE_STRATEGIES = ("greedy", "beam", "sample", "beam_sample")
+ENGINE_STRATEGIES = ("greedy", "beam", "sample", "beam_sample", "contrastive", "diverse_beam")
+#: Strategies that need hidden states or beam control: only the torch engine runs them.
+TORCH_ONLY_STRATEGIES = ("contrastive", "diverse_beam")
 #: Strategies that sample ``num_candidates`` sequences per prompt (with the config's own sampling fields)
 #: and select one (:mod:`decodetune.evaluation.candidates`); no serving engine has them.
 CANDIDATE_STRATEGIES = ("self_consistency", "mbr", "best_of_n")
@@ -34,7 +38,10 @@ RERANKERS = ("mean_logprob",)
 
 #: Default order of the distribution-shaping samplers (transformers' order). Penalties and
 #: ``no_repeat_ngram_size`` always run before these; llama.cpp puts temperature last instead.
-DEFAULT_SAMPLER_ORDER = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
+DEFAULT_SAMPLER_ORDER = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff",
+                         "top_n_sigma", "xtc")
+#: The config fields each sampler-order name stands for (the others are named after their one field).
+SAMPLER_STAGE_FIELDS = {"temperature": ("temperature", "dynatemp_range"), "xtc": ("xtc_probability",)}
 
 ALIASES = {"beam_size": "num_beams"}
 
@@ -43,7 +50,9 @@ ALIASES = {"beam_size": "num_beams"}
 class DecodingConfig:
     """How to decode. Unset sampling fields are neutral (``top_k=0``, ``top_p=1.0``... mean off).
 
-    ``strategy`` is one of greedy | beam | sample | beam_sample | self_consistency | mbr | best_of_n.
+    ``strategy`` is one of greedy | beam | sample | beam_sample | contrastive | diverse_beam |
+    self_consistency | mbr | best_of_n. contrastive (Su et al. 2022: ``penalty_alpha``, ``top_k``) and
+    diverse_beam (Vijayakumar et al.: ``num_beam_groups``, ``diversity_penalty``) run on the torch engine only.
     ``temperature=0`` with ``sample`` is greedy decoding (the limit of softmax(logits / T) as T -> 0).
     ``beam`` and ``beam_sample`` need ``num_beams >= 2``; the other strategies take ``num_beams = 1``.
 
@@ -77,6 +86,31 @@ class DecodingConfig:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     no_repeat_ngram_size: int = 0
+    penalty_last_n: int = -1
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_penalty_last_n: int = -1
+    dry_sequence_breakers: list[str] = field(default_factory=lambda: list(DEFAULT_DRY_BREAKERS))
+    # llama.cpp's samplers beyond transformers'
+    xtc_threshold: float = 0.1
+    xtc_probability: float = 0.0
+    top_n_sigma: float = -1.0
+    mirostat: int = 0
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
+    dynatemp_range: float = 0.0
+    dynatemp_exponent: float = 1.0
+    # token-level controls (vLLM's names)
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    bad_words: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    top_logprobs: int = 0
+    # contrastive search and diverse beam search
+    penalty_alpha: float = 0.0
+    num_beam_groups: int = 1
+    diversity_penalty: float = 0.0
     # beams
     num_beams: int = 1
     length_penalty: float = 1.0
@@ -117,6 +151,7 @@ class DecodingConfig:
             if not isinstance(v, str):
                 raise ConfigError(name, f"must be a name or pkg.module:function, got {v!r}")
             setattr(self, name, v.strip())
+        config_checks.coerce(self)
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first invalid field."""
@@ -164,6 +199,7 @@ class DecodingConfig:
         if self.strategy == "greedy" and self.num_return_sequences > 1:
             raise ConfigError("num_return_sequences", "greedy decoding returns one sequence; use sample or beam")
         self._check_candidates()
+        config_checks.validate(self)
         # by identity: 1 == True, and the beam search tests ``early_stopping is True``
         if not (self.early_stopping is True or self.early_stopping is False or self.early_stopping == "never"):
             raise ConfigError("early_stopping", f"must be true, false or 'never', got {self.early_stopping!r}")
@@ -205,18 +241,19 @@ class DecodingConfig:
             raise ConfigError("sampler_order", "lists a sampler twice")
         if not self.sampler_order or not self.is_sampling:
             return
-        unplaced = [s for s in DEFAULT_SAMPLER_ORDER if s not in self.sampler_order and _is_set(self, s)]
+        unplaced = [s for s in DEFAULT_SAMPLER_ORDER if s not in self.sampler_order and stage_in_use(self, s)]
         if unplaced:
+            name = SAMPLER_STAGE_FIELDS.get(unplaced[0], (unplaced[0],))[0]
             raise ConfigError("sampler_order", (
-                f"names {', '.join(self.sampler_order)} but not {unplaced[0]}={getattr(self, unplaced[0])!r}, "
+                f"names {', '.join(self.sampler_order)} but not {unplaced[0]} ({name}={getattr(self, name)!r}), "
                 f"which is in use; name every sampler in use (e.g. "
                 f"{','.join(self.sampler_order + unplaced)}), or none for the default order"))
 
     # ------------------------------------------------------------------ derived views
     @property
     def is_beam(self) -> bool:
-        """True for beam and beam_sample."""
-        return self.strategy in ("beam", "beam_sample")
+        """True for beam, beam_sample and diverse_beam."""
+        return self.strategy in ("beam", "beam_sample", "diverse_beam")
 
     @property
     def is_candidate(self) -> bool:
@@ -250,6 +287,9 @@ class DecodingConfig:
             unread |= {*DEFAULT_SAMPLER_ORDER, "sampler_order", "seed"}
             if self.strategy in _SAMPLED:
                 unread.discard("temperature")
+            if self.strategy == "contrastive":
+                unread.discard("top_k")  # its candidate set
+        unread |= config_checks.unread_fields(self)
         if not self.is_beam:
             unread |= {"length_penalty", "early_stopping"}
         if self.strategy != "mbr":
@@ -368,6 +408,11 @@ def candidate_config(cfg: DecodingConfig) -> DecodingConfig:
                        mbr_utility=_DEFAULTS["mbr_utility"], rerank=_DEFAULTS["rerank"])
 
 
+def stage_in_use(cfg: DecodingConfig, stage: str) -> bool:
+    """Whether a sampler-order stage (``temperature``, ``top_k``, ..., ``xtc``) does anything in ``cfg``."""
+    return any(_is_set(cfg, name) for name in SAMPLER_STAGE_FIELDS.get(stage, (stage,)))
+
+
 def _is_set(cfg: DecodingConfig, name: str) -> bool:
     """Whether a field differs from its default (for the samplers: whether it is in use)."""
     return getattr(cfg, name) != _DEFAULTS[name]
@@ -388,7 +433,7 @@ def _field_kwargs(data: dict[str, Any], source: str) -> dict[str, Any]:
 
 
 _INT_FIELDS = {"max_new_tokens", "min_new_tokens", "top_k", "no_repeat_ngram_size", "num_beams",
-               "num_return_sequences", "num_candidates", "seed"}
+               "num_return_sequences", "num_candidates", "seed", *config_checks.INT_FIELDS}
 #: Strategies whose tokens are drawn at random when temperature > 0.
 _SAMPLED = ("sample", "beam_sample", *CANDIDATE_STRATEGIES)
 #: ``pkg.module:function`` (a dotted module path, a colon, a function name).
@@ -396,7 +441,8 @@ _FUNCTION_RE = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 #: Fields where None is a value of its own (no seed: a fresh random one per call).
 _OPTIONAL_FIELDS = {"seed"}
 _FLOAT_FIELDS = {"temperature", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff",
-                 "repetition_penalty", "presence_penalty", "frequency_penalty", "length_penalty"}
+                 "repetition_penalty", "presence_penalty", "frequency_penalty", "length_penalty",
+                 *config_checks.FLOAT_FIELDS}
 
 
 def _as_int(name: str, v: Any) -> int:

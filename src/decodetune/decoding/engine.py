@@ -273,11 +273,21 @@ def _check_configs(config: Any, n: int) -> list[DecodingConfig]:
     if len(configs) != n:
         raise UserError(f"configs: got {len(configs)} configs for {n} prompts (give one, or one per prompt)")
     for c in configs:
+        if c.strategy in ("contrastive", "diverse_beam"):  # until their decoders land (issue 12)
+            raise UserError(f"strategy: {c.strategy!r} is not implemented in the torch engine yet")
+        pending = [n for n in _NOT_BUILT if getattr(c, n) != getattr(_DEFAULT, n)]
+        if pending:  # until the issue 11 samplers land; each removes its name here
+            raise UserError(f"{pending[0]}: not implemented in the torch engine yet")
         if c.is_candidate:  # silently sampling one sequence would pass for the strategy
             raise UserError(f"strategy: {c.strategy!r} selects one of num_candidates samples, which the engine "
                             "does not do; run it through evaluate / eval / tune, or generate "
                             "candidate_config(config) and select with decodetune.evaluation.candidates")
     return configs
+
+
+_DEFAULT = DecodingConfig()
+_NOT_BUILT = ("penalty_last_n", "dry_multiplier", "xtc_probability", "top_n_sigma", "mirostat", "dynatemp_range",
+              "logit_bias", "bad_words", "stop_token_ids", "ignore_eos", "top_logprobs")
 
 
 def _bad_config(c: Any) -> DecodingConfig:

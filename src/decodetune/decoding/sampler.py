@@ -179,6 +179,8 @@ def apply_samplers(logits: torch.Tensor, rows: RowParams, min_keep: int = 1) -> 
 
 def _run_chain(order: Sequence[str], logits: torch.Tensor, rows: RowParams, min_keep: int) -> torch.Tensor:
     for name in order:
+        if name not in STAGES:  # not built yet; decoding.engine refuses configs that use it
+            continue
         stage, field = STAGES[name]
         if rows.active(field):
             logits = stage(logits, rows, min_keep)
