@@ -1,54 +1,36 @@
 """``generate()``: our batched decoding loop over a Hugging Face causal LM with a KV cache.
 
-Rows of a call: one per (prompt, returned sequence) for greedy / sample configs, all in one forward batch
-(chunked by ``batch_size``); beam configs run as separate batches grouped by (num_beams, sampling).
+Rows of a call: one per (prompt, returned sequence) for greedy / sample configs, decoded together by
+:class:`~decodetune.decoding.batching.FlatDecoder` (at most ``batch_size`` at once, continuous batching,
+one prefill per distinct prompt); beam configs run as separate batches grouped by (num_beams, sampling).
 Each step: model forward on the newest token -> processors (penalties, n-grams, min_new_tokens) ->
 greedy rows take the argmax, sampling rows go through their sampler chain and draw from their own
-generator -> finished rows (EOS / stop string / length) leave the batch, their KV-cache rows dropped.
+generator -> finished rows (EOS / stop token / stop string / length) leave the batch, their KV-cache rows
+dropped, and waiting rows take their slots.
 """
 
 from __future__ import annotations
 
 import secrets
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from decodetune.config import DecodingConfig
+from decodetune.decoding.batching import FlatDecoder, FlatRow
 from decodetune.decoding.beam import BeamRequest, beam_search
-from decodetune.decoding.processors import RowParams, TokenState, apply_processors
 from decodetune.decoding.runner import ModelRunner
-from decodetune.decoding.sampler import apply_samplers, draw, make_generator, row_seed
-from decodetune.decoding.stopping import RowStopper, StopStrings, final_text
+from decodetune.decoding.stopping import final_text
 from decodetune.decoding.types import Generation
 from decodetune.errors import UserError
 
 #: Drop finished rows from the batch (index the KV cache) rather than keep computing them masked.
 #: Measured in benchmarks/bench_generate.py; switchable only for that measurement.
 COMPACT_FINISHED_ROWS = True
-
-
-@dataclass
-class _Row:
-    """One sequence to produce with a flat (non-beam) strategy."""
-
-    prompt_index: int
-    sequence_index: int
-    ids: list[int]
-    config: DecodingConfig
-    seed: int | None
-
-
-@dataclass
-class _Finished:
-    token_ids: list[int]
-    logprobs: list[float]
-    reason: str
-    cut: int | None
-    decode_s: float
+#: Let waiting rows take the slots of finished ones (continuous batching) rather than run each chunk of
+#: ``batch_size`` rows down to its longest row. Switchable to measure and test against static batching.
+CONTINUOUS_BATCHING = True
 
 
 def generate(model: Any, prompts: Any, config: DecodingConfig | Sequence[DecodingConfig] | None = None, *,
@@ -88,7 +70,7 @@ def generate(model: Any, prompts: Any, config: DecodingConfig | Sequence[Decodin
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.eos_token_ids[0]
     decode: Callable[[list[int]], str] = lm.decode
     eos = list(lm.eos_token_ids)
-    flat = [_Row(i, j, prompt_ids[i], c, seeds[i]) for i, c in enumerate(configs) if not c.is_beam
+    flat = [FlatRow(i, j, prompt_ids[i], c, seeds[i]) for i, c in enumerate(configs) if not c.is_beam
             for j in range(c.num_return_sequences)]
     beams: dict[tuple[int, bool], list[BeamRequest]] = {}
     for i, c in enumerate(configs):
@@ -98,13 +80,14 @@ def generate(model: Any, prompts: Any, config: DecodingConfig | Sequence[Decodin
     out: dict[tuple[int, int], Generation] = {}
     total = len(flat) + sum(len(v) for v in beams.values())
     with torch.inference_mode(), _progress(progress, total) as advance:
-        for chunk in _chunks(flat, batch_size, key=lambda r: len(r.ids)):
-            finished, prefill_s = _decode_flat(runner, chunk, pad, eos, decode, advance)
-            for row, fin in zip(chunk, finished, strict=True):
+        if flat:
+            decoder = FlatDecoder(runner, flat, pad=pad, eos=eos, decode=decode, batch_size=batch_size,
+                                  advance=advance, continuous=CONTINUOUS_BATCHING, compact=COMPACT_FINISHED_ROWS)
+            for row, fin in zip(flat, decoder.run(), strict=True):
                 out[(row.prompt_index, row.sequence_index)] = _generation(
                     row.prompt_index, row.sequence_index, row.ids, row.seed, fin.token_ids,
-                    fin.logprobs, fin.reason, fin.cut, sum(fin.logprobs), prefill_s, fin.decode_s, decode, eos,
-                    logprobs)
+                    fin.logprobs, fin.reason, fin.cut, sum(fin.logprobs), fin.prefill_s, fin.decode_s, decode, eos,
+                    logprobs, stop_token=fin.stop_token, top_logprobs=fin.top_logprobs)
         for (num_beams, _), requests in beams.items():
             per_batch = None if batch_size is None else max(1, batch_size // num_beams)
             for chunk in _chunks(requests, per_batch, key=lambda r: len(r.ids)):
@@ -118,94 +101,17 @@ def generate(model: Any, prompts: Any, config: DecodingConfig | Sequence[Decodin
     return [out[key] for key in sorted(out)]
 
 
-def _decode_flat(runner: ModelRunner, rows: Sequence[_Row], pad: int, eos: list[int],
-                 decode: Callable[[list[int]], str],
-                 advance: Callable[[int], None]) -> tuple[list[_Finished], float]:
-    """Greedy and sampling rows, all in one batch, until every row has finished."""
-    device = runner.device
-    eos_set = set(eos)
-    t0 = time.perf_counter()
-    logits, cache, mask, next_pos = runner.prefill([r.ids for r in rows], pad)
-    prefill_s = time.perf_counter() - t0
-    t_decode = time.perf_counter()
-
-    params = RowParams.from_configs([r.config for r in rows], device)
-    max_new = [r.config.max_new_tokens for r in rows]
-    state = TokenState([r.ids for r in rows], max(max_new), logits.shape[1], params, eos, device)
-    gens = [make_generator(row_seed(r.seed, r.sequence_index), device) if s else None
-            for r, s in zip(rows, params.sampling, strict=True)]
-    stoppers = [RowStopper(StopStrings(r.config.stop), decode, r.config.min_new_tokens) if r.config.stop
-                else None for r in rows]
-    active = list(range(len(rows)))  # original index of each row still in the batch
-    tokens_out: list[list[int]] = [[] for _ in rows]
-    lp_out: list[list[float]] = [[] for _ in rows]
-    finished: list[_Finished | None] = [None] * len(rows)
-
-    while True:
-        scores = apply_processors(logits, state)
-        tokens = _select(scores, params, gens)
-        chosen_lp = logits.gather(1, tokens.unsqueeze(1)).squeeze(1) - logits.logsumexp(dim=1)
-        host_tok, host_lp = torch.stack([tokens.to(torch.float64), chosen_lp.to(torch.float64)]).tolist()
-        state.append(tokens)
-        done: list[int] = []
-        for j, b in enumerate(active):
-            if finished[b] is not None:  # only when finished rows are masked instead of dropped
-                continue
-            tok = int(host_tok[j])
-            tokens_out[b].append(tok)
-            lp_out[b].append(host_lp[j])
-            reason, cut = None, None
-            if tok in eos_set:
-                reason = "eos"
-            elif stoppers[b] is not None and (cut := stoppers[b].check(tokens_out[b])) is not None:
-                reason = "stop"
-            elif len(tokens_out[b]) >= max_new[b]:
-                reason = "length"
-            if reason is not None:
-                finished[b] = _Finished(tokens_out[b], lp_out[b], reason, cut, time.perf_counter() - t_decode)
-                done.append(j)
-        if done:
-            advance(len(done))
-            keep = [j for j, b in enumerate(active) if finished[b] is None]
-            if not keep:
-                break
-        if done and COMPACT_FINISHED_ROWS:
-            keep_t = torch.tensor(keep, device=device)
-            cache.reorder_cache(keep_t)
-            mask, next_pos, tokens = mask[keep_t], next_pos[keep_t], tokens[keep_t]
-            params = params.index(keep)
-            state.index(keep_t, params)
-            gens = [gens[j] for j in keep]
-            active = [active[j] for j in keep]
-        logits, mask = runner.step(tokens, mask, next_pos, cache)
-        next_pos = next_pos + 1
-    return [f for f in finished if f is not None], prefill_s
-
-
-def _select(scores: torch.Tensor, params: RowParams, gens: Sequence[torch.Generator | None]) -> torch.Tensor:
-    """Argmax for greedy rows; sampler chain + seeded draw for sampling rows."""
-    sampling = params.cached("sampling_rows", lambda: [i for i, s in enumerate(params.sampling) if s])
-    if not sampling:
-        return scores.argmax(dim=1)
-    if len(sampling) == len(params):
-        return draw(apply_samplers(scores, params).softmax(dim=1), gens)  # type: ignore[arg-type]
-    idx = params.cached("sampling_index", lambda: torch.tensor(sampling, device=scores.device))
-    sub = apply_samplers(scores.index_select(0, idx), params.subset(sampling)).softmax(dim=1)
-    tokens = scores.argmax(dim=1)
-    tokens[idx] = draw(sub, [gens[i] for i in sampling])  # type: ignore[misc]
-    return tokens
-
-
 def _generation(prompt_index: int, sequence_index: int, ids: list[int], seed: int | None,
                 token_ids: list[int], lps: list[float], reason: str, cut: int | None, score: float,
                 prefill_s: float, decode_s: float, decode: Callable[[list[int]], str], eos: list[int],
-                want_logprobs: bool) -> Generation:
-    text = final_text(decode, token_ids, reason, cut, eos)
+                want_logprobs: bool, *, stop_token: bool = False,
+                top_logprobs: list[dict[int, float]] | None = None) -> Generation:
+    text = final_text(decode, token_ids, reason, cut, eos, stop_token=stop_token)
     timings = {"prefill_s": prefill_s, "decode_s": decode_s, "total_s": prefill_s + decode_s}
     return Generation(text=text, token_ids=list(token_ids), logprobs=list(lps) if want_logprobs else None,
                       finish_reason=reason, timings=timings, prompt_index=prompt_index,
                       sequence_index=sequence_index, num_prompt_tokens=len(ids), score=float(score),
-                      seed=seed)
+                      seed=seed, top_logprobs=top_logprobs)
 
 
 def _chunks(items: Sequence[Any], size: int | None, key: Callable[[Any], int]) -> list[list[Any]]:
@@ -278,6 +184,9 @@ def _check_configs(config: Any, n: int) -> list[DecodingConfig]:
         pending = [n for n in _NOT_BUILT if getattr(c, n) != getattr(_DEFAULT, n)]
         if pending:  # until the issue 11 samplers land; each removes its name here
             raise UserError(f"{pending[0]}: not implemented in the torch engine yet")
+        beam_pending = [n for n in _NOT_BUILT_BEAM if c.is_beam and getattr(c, n) != getattr(_DEFAULT, n)]
+        if beam_pending:  # the flat loop has them (batching.py); beam.py not yet
+            raise UserError(f"{beam_pending[0]}: not implemented for beam strategies in the torch engine yet")
         if c.is_candidate:  # silently sampling one sequence would pass for the strategy
             raise UserError(f"strategy: {c.strategy!r} selects one of num_candidates samples, which the engine "
                             "does not do; run it through evaluate / eval / tune, or generate "
@@ -287,7 +196,8 @@ def _check_configs(config: Any, n: int) -> list[DecodingConfig]:
 
 _DEFAULT = DecodingConfig()
 _NOT_BUILT = ("penalty_last_n", "dry_multiplier", "xtc_probability", "top_n_sigma", "mirostat", "dynatemp_range",
-              "logit_bias", "bad_words", "stop_token_ids", "ignore_eos", "top_logprobs")
+              "logit_bias", "bad_words")
+_NOT_BUILT_BEAM = ("stop_token_ids", "ignore_eos", "top_logprobs")
 
 
 def _bad_config(c: Any) -> DecodingConfig:

@@ -45,6 +45,10 @@ class Generation:
     completion_tokens: int | None = None
     #: backend-specific facts about the row (e.g. HTTP latency and usage for a server)
     extra: dict | None = None
+    #: with ``config.top_logprobs = N``: per generated token, the N most likely token ids and their raw
+    #: logprobs (model distribution before any processor or sampler; vLLM's ``logprobs=N`` without the
+    #: chosen token, which ``logprobs`` has), most likely first
+    top_logprobs: list[dict[int, float]] | None = None
 
     @property
     def num_tokens(self) -> int:
