@@ -1,0 +1,199 @@
+"""Contrastive search (Su et al. 2022), step for step transformers v4's ``_contrastive_search``.
+
+Each step, for every row: the processors (penalties, n-grams, min_new_tokens) run on the raw logits, the
+``top_k`` most likely tokens of their softmax are the candidates, and the model runs on all of them at
+once (the row's KV cache copied to its ``top_k`` candidates, as transformers' non-``low_memory`` path) to
+get each candidate's last-layer hidden state ``h_v``. The chosen token maximises
+
+    (1 - penalty_alpha) * p(v) - penalty_alpha * max_j cos(h_v, h_j)
+
+over the hidden states ``h_j`` of every earlier position (prompt and generated, padding masked out).
+The candidate forward pass already holds the chosen token's logits and cache, so one step costs one
+forward over ``rows * top_k`` single tokens. The cosine is computed with transformers' own shapes and
+operations (``_ranking_fast``) so that near-ties break the same way.
+
+Beyond transformers: ``penalty_alpha``, the processors, stop strings and ``max_new_tokens`` may differ per
+row of a batch (``top_k`` may not: the engine batches rows by ``top_k``); a finished row leaves the batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from decodetune.config import DecodingConfig
+from decodetune.decoding.beam import Hypothesis
+from decodetune.decoding.processors import RowParams, TokenState, apply_processors
+from decodetune.decoding.runner import ModelRunner
+from decodetune.decoding.stopping import RowStopper, StopStrings
+
+
+@dataclass
+class ContrastiveRequest:
+    """One prompt to decode with contrastive search."""
+
+    prompt_index: int
+    ids: list[int]
+    config: DecodingConfig
+
+
+def forward_hidden(runner: ModelRunner, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                   cache: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The runner's forward pass that also returns the last layer's hidden states ``(rows, tokens, hidden)``.
+
+    transformers' ``hidden_states[-1]`` is the final-norm output, which is what contrastive search compares.
+    """
+    kwargs: dict[str, Any] = {runner.cache_kwarg: cache, "use_cache": True, "output_hidden_states": True}
+    if runner.keep_kwarg is not None:
+        kwargs[runner.keep_kwarg] = 1
+    if runner.takes_positions:
+        kwargs["position_ids"] = positions
+    out = runner.model(input_ids=input_ids, attention_mask=mask, **kwargs)
+    return out.logits[:, -1, :].float(), out.hidden_states[-1]
+
+
+def _prefill(runner: ModelRunner, prompts: Sequence[Sequence[int]],
+             pad: int) -> tuple[torch.Tensor, torch.Tensor, Any, torch.Tensor]:
+    """Left-padded prefill as :meth:`ModelRunner.prefill`, keeping every position's hidden state."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    ids, mask = ids.to(runner.device), mask.to(runner.device)
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    cache = runner.new_cache()
+    logits, hidden = forward_hidden(runner, ids, mask, positions, cache)
+    return logits, hidden, cache, mask
+
+
+def degeneration_choice(context: torch.Tensor, context_mask: torch.Tensor, candidates: torch.Tensor,
+                        probs: torch.Tensor, one_minus_alpha: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """Index of the best of ``k`` candidates per row (transformers' ``_ranking_fast``, same operations).
+
+    ``context`` ``(rows, S, H)`` with ``context_mask`` ``(rows, S)`` (0 = padding), ``candidates``
+    ``(rows * k, 1, H)``, ``probs`` ``(rows, k)``, the alphas ``(rows, 1)``.
+    """
+    rows, k = probs.shape
+    norm_ctx = context / context.norm(dim=2, keepdim=True)
+    norm_ctx = norm_ctx.repeat_interleave(k, dim=0)  # (rows * k, S, H), as transformers repeats the context
+    norm_next = candidates / candidates.norm(dim=2, keepdim=True)
+    cosine = torch.matmul(norm_ctx, norm_next.transpose(1, 2)).squeeze(-1)  # (rows * k, S)
+    masked = (1 - context_mask.repeat_interleave(k, dim=0).to(cosine.dtype)) * torch.finfo(cosine.dtype).min
+    penalty = (cosine + masked).max(dim=-1).values.view(rows, k)
+    score = one_minus_alpha * probs - alpha * penalty.to(probs.dtype)
+    return score.max(dim=-1).indices
+
+
+def contrastive_search(runner: ModelRunner, requests: Sequence[ContrastiveRequest], *, pad_token_id: int,
+                       eos_token_ids: Sequence[int], decode: Callable[[list[int]], str],
+                       on_done: Callable[[int], None] | None = None) -> tuple[list[list[Hypothesis]], float]:
+    """Decode ``requests`` (all with the same ``top_k``) in one batch; one hypothesis per request."""
+    top_k = requests[0].config.top_k
+    assert all(r.config.top_k == top_k for r in requests)
+    device = runner.device
+    t0 = time.perf_counter()
+    logits, hidden, cache, mask = _prefill(runner, [r.ids for r in requests], pad_token_id)
+    prefill_s = time.perf_counter() - t0
+    t_decode = time.perf_counter()
+    loop = _Loop(runner, requests, logits, hidden, cache, mask, eos_token_ids, decode, device)
+    k = min(top_k, logits.shape[1])
+    results: list[list[Hypothesis]] = [[] for _ in requests]
+    while loop.alive:
+        tokens, raw_lp = loop.choose(k)
+        for j in loop.record(tokens, raw_lp):
+            b = loop.alive[j]
+            results[b] = [Hypothesis(loop.out_tok[b], loop.out_lp[b], sum(loop.out_lp[b]), loop.reason[b],
+                                     loop.cut[b], time.perf_counter() - t_decode)]
+            if on_done is not None:
+                on_done(1)
+        loop.drop_finished()
+    return results, prefill_s
+
+
+class _Loop:
+    """The batch's state between steps: cache, masks, context hidden states, processors, stops."""
+
+    def __init__(self, runner: ModelRunner, requests: Sequence[ContrastiveRequest], logits: torch.Tensor,
+                 hidden: torch.Tensor, cache: Any, mask: torch.Tensor, eos: Sequence[int],
+                 decode: Callable[[list[int]], str], device: torch.device):
+        self.runner, self.requests, self.cache, self.mask = runner, requests, cache, mask
+        self.logits, self.context = logits, hidden
+        self.next_pos = mask.sum(-1)
+        configs = [r.config for r in requests]
+        self.max_new = [c.max_new_tokens for c in configs]
+        self.params = RowParams.from_configs(configs, device)
+        self.state = TokenState([r.ids for r in requests], max(self.max_new), logits.shape[1], self.params, eos,
+                                device)
+        # the coefficients in double, then float32, as transformers' Python-float alpha meets the tensors
+        self.one_minus = torch.tensor([[1.0 - c.penalty_alpha] for c in configs], dtype=torch.float32, device=device)
+        self.alpha = torch.tensor([[c.penalty_alpha] for c in configs], dtype=torch.float32, device=device)
+        self.eos = set(eos)
+        self.stoppers = [RowStopper(StopStrings(c.stop), decode, c.min_new_tokens) if c.stop else None
+                         for c in configs]
+        self.alive = list(range(len(requests)))
+        self.out_tok: list[list[int]] = [[] for _ in requests]
+        self.out_lp: list[list[float]] = [[] for _ in requests]
+        self.reason: list[str] = [""] * len(requests)
+        self.cut: list[int | None] = [None] * len(requests)
+        self._done: list[int] = []
+
+    def choose(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step: candidates, their forward pass, the re-ranking; the chosen tokens and raw logprobs."""
+        rows = len(self.alive)
+        probs = apply_processors(self.logits, self.state).softmax(dim=-1)
+        top_p, top_ids = torch.topk(probs, dim=-1, k=k)
+        expand = torch.arange(rows, device=top_ids.device).repeat_interleave(k)
+        self.cache.reorder_cache(expand)
+        cand_mask = torch.cat([self.mask, self.mask.new_ones((rows, 1))], dim=1)
+        cand_logits, cand_hidden = forward_hidden(self.runner, top_ids.view(-1, 1), cand_mask[expand],
+                                                  self.next_pos[expand].unsqueeze(1), self.cache)
+        chosen = degeneration_choice(self.context, self.mask, cand_hidden, top_p, self.one_minus, self.alpha)
+        flat = torch.arange(rows, device=chosen.device) * k + chosen
+        self.cache.reorder_cache(flat)
+        tokens = top_ids.gather(1, chosen.unsqueeze(1)).squeeze(1)
+        raw_lp = self.logits.log_softmax(dim=-1).gather(1, tokens.unsqueeze(1)).squeeze(1)
+        self.logits = cand_logits[flat]
+        self.context = torch.cat([self.context, cand_hidden[flat]], dim=1)
+        self.mask, self.next_pos = cand_mask, self.next_pos + 1
+        self.state.append(tokens)
+        return tokens, raw_lp
+
+    def record(self, tokens: torch.Tensor, raw_lp: torch.Tensor) -> list[int]:
+        """Append each row's token; the batch positions of the rows that end with it."""
+        host_tok, host_lp = tokens.tolist(), raw_lp.tolist()
+        self._done = []
+        for j, b in enumerate(self.alive):
+            tok = int(host_tok[j])
+            self.out_tok[b].append(tok)
+            self.out_lp[b].append(float(host_lp[j]))
+            stopper = self.stoppers[b]
+            if tok in self.eos:
+                self.reason[b] = "eos"
+            elif stopper is not None and (cut := stopper.check(self.out_tok[b])) is not None:
+                self.reason[b], self.cut[b] = "stop", cut
+            elif len(self.out_tok[b]) >= self.max_new[b]:
+                self.reason[b] = "length"
+            if self.reason[b]:
+                self._done.append(j)
+        return self._done
+
+    def drop_finished(self) -> None:
+        """Finished rows leave the batch (cache, masks, context and processor state)."""
+        if not self._done:
+            return
+        keep = [j for j in range(len(self.alive)) if j not in set(self._done)]
+        self.alive = [self.alive[j] for j in keep]
+        if not keep:
+            return
+        keep_t = torch.tensor(keep, device=self.mask.device)
+        self.cache.reorder_cache(keep_t)
+        self.mask, self.next_pos, self.logits = self.mask[keep_t], self.next_pos[keep_t], self.logits[keep_t]
+        self.context, self.one_minus, self.alpha = self.context[keep_t], self.one_minus[keep_t], self.alpha[keep_t]
+        self.params = self.params.index(keep)
+        self.state.index(keep_t, self.params)
