@@ -23,9 +23,11 @@ rows are dropped) instead of being carried along; a prompt also stops when every
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 
@@ -60,6 +62,63 @@ class Hypothesis:
     decode_s: float
 
 
+_S = TypeVar("_S", bound="PromptState")
+
+
+@dataclass
+class PromptState:
+    """Tensors with one leading row per prompt of a beam batch (beam search, diverse beam search).
+
+    :meth:`index` keeps or reorders the prompts of every field at once, so a new field cannot be
+    forgotten when finished prompts leave the batch.
+    """
+
+    def index(self: _S, keep: torch.Tensor) -> _S:
+        """The state of the prompts ``keep`` (a 1-d index tensor), in that order."""
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name)[keep] for f in dataclasses.fields(self)})
+
+
+@dataclass
+class BeamState(PromptState):
+    """Beam search's running beams and finished hypotheses, ``(prompts, num_beams[, horizon])`` each."""
+
+    run_tok: torch.Tensor
+    run_lp: torch.Tensor
+    run_score: torch.Tensor
+    fin_tok: torch.Tensor
+    fin_lp: torch.Tensor
+    fin_score: torch.Tensor
+    fin_len: torch.Tensor
+    fin_reason: torch.Tensor
+    fin_cut: torch.Tensor
+    is_fin: torch.Tensor
+    improvable: torch.Tensor
+
+    @classmethod
+    def start(cls, n_prompts: int, k: int, horizon: int, pad: int, device: torch.device) -> BeamState:
+        """Before the first step: only beam 0 of each prompt is real; nothing is finished."""
+        run_tok = torch.full((n_prompts, k, horizon), pad, dtype=torch.long, device=device)
+        run_lp = torch.zeros((n_prompts, k, horizon), dtype=torch.float32, device=device)
+        run_score = torch.zeros((n_prompts, k), dtype=torch.float32, device=device)
+        run_score[:, 1:] = _NEG
+        return cls(run_tok, run_lp, run_score, run_tok.clone(), run_lp.clone(),
+                   torch.full((n_prompts, k), _NEG, dtype=torch.float32, device=device),
+                   torch.zeros((n_prompts, k), dtype=torch.long, device=device),
+                   torch.zeros((n_prompts, k), dtype=torch.long, device=device),
+                   torch.full((n_prompts, k), -1, dtype=torch.long, device=device),
+                   torch.zeros((n_prompts, k), dtype=torch.bool, device=device),
+                   torch.ones((n_prompts, 1), dtype=torch.bool, device=device))
+
+
+def prefill_beams(runner: ModelRunner, prompts: Sequence[Sequence[int]], pad: int,
+                  k: int) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
+    """Prefill each prompt once, then copy its cache, logits, mask and positions to its ``k`` beams."""
+    logits, cache, mask, next_pos = runner.prefill(prompts, pad)
+    expand = torch.arange(len(prompts), device=runner.device).repeat_interleave(k)
+    cache.reorder_cache(expand)
+    return logits[expand], cache, mask[expand], next_pos[expand]
+
+
 def beam_search(runner: ModelRunner, requests: Sequence[BeamRequest], *, pad_token_id: int,
                 eos_token_ids: Sequence[int], decode: Callable[[list[int]], str],
                 on_done: Callable[[int], None] | None = None) -> tuple[list[list[Hypothesis]], float]:
@@ -81,10 +140,7 @@ def beam_search(runner: ModelRunner, requests: Sequence[BeamRequest], *, pad_tok
     device = runner.device
 
     t0 = time.perf_counter()
-    logits, cache, mask, next_pos = runner.prefill([r.ids for r in requests], pad_token_id)
-    expand = torch.arange(n_prompts, device=device).repeat_interleave(k)
-    cache.reorder_cache(expand)  # prefill once per prompt, then copy the cache to its beams
-    logits, mask, next_pos = logits[expand], mask[expand], next_pos[expand]
+    logits, cache, mask, next_pos = prefill_beams(runner, [r.ids for r in requests], pad_token_id, k)
     prefill_s = time.perf_counter() - t0
     t_decode = time.perf_counter()
     vocab = logits.shape[1]
@@ -95,17 +151,7 @@ def beam_search(runner: ModelRunner, requests: Sequence[BeamRequest], *, pad_tok
     gens = [make_generator(row_seed(r.seed, 0), device) for r in requests] if do_sample else []
 
     alive = list(range(n_prompts))  # request index of each prompt still in the batch
-    run_tok = torch.full((n_prompts, k, horizon), pad_token_id, dtype=torch.long, device=device)
-    run_lp = torch.zeros((n_prompts, k, horizon), dtype=torch.float32, device=device)
-    run_score = torch.zeros((n_prompts, k), dtype=torch.float32, device=device)
-    run_score[:, 1:] = _NEG  # only beam 0 is real at the start
-    fin_tok, fin_lp = run_tok.clone(), run_lp.clone()
-    fin_score = torch.full((n_prompts, k), _NEG, dtype=torch.float32, device=device)
-    fin_len = torch.zeros((n_prompts, k), dtype=torch.long, device=device)
-    fin_reason = torch.zeros((n_prompts, k), dtype=torch.long, device=device)
-    fin_cut = torch.full((n_prompts, k), -1, dtype=torch.long, device=device)
-    is_fin = torch.zeros((n_prompts, k), dtype=torch.bool, device=device)
-    improvable = torch.ones((n_prompts, 1), dtype=torch.bool, device=device)
+    s = BeamState.start(n_prompts, k, horizon, pad_token_id, device)
     top_mask = torch.arange(n_keep, device=device) < k
     results: list[list[Hypothesis]] = [[] for _ in requests]
 
@@ -115,7 +161,7 @@ def beam_search(runner: ModelRunner, requests: Sequence[BeamRequest], *, pad_tok
         scores = apply_processors(logp, state)
         if do_sample:
             scores = apply_samplers(scores, params, min_keep=min_keep)
-        acc = (scores.view(p, k, vocab) + run_score.unsqueeze(2)).view(p, k * vocab)
+        acc = (scores.view(p, k, vocab) + s.run_score.unsqueeze(2)).view(p, k * vocab)
         if do_sample:
             keys = acc.softmax(dim=1) / exponential_noise((p, k * vocab), gens, device)
             cand = torch.topk(keys, n_keep, dim=1).indices
@@ -125,9 +171,9 @@ def beam_search(runner: ModelRunner, requests: Sequence[BeamRequest], *, pad_tok
             cand_lp, cand = torch.topk(acc, n_keep, dim=1)
         src, tok = cand // vocab, cand % vocab
         raw_lp = logp.view(p, k * vocab).gather(1, cand)
-        cand_tok = run_tok.gather(1, src.unsqueeze(2).expand(-1, -1, horizon)).clone()
+        cand_tok = s.run_tok.gather(1, src.unsqueeze(2).expand(-1, -1, horizon)).clone()
         cand_tok[:, :, step] = tok
-        cand_lp_hist = run_lp.gather(1, src.unsqueeze(2).expand(-1, -1, horizon)).clone()
+        cand_lp_hist = s.run_lp.gather(1, src.unsqueeze(2).expand(-1, -1, horizon)).clone()
         cand_lp_hist[:, :, step] = raw_lp
 
         # which candidates end here, and why
@@ -143,9 +189,9 @@ def beam_search(runner: ModelRunner, requests: Sequence[BeamRequest], *, pad_tok
         # the best num_beams unfinished candidates keep running
         running_lp = cand_lp + hits.to(torch.float32) * _NEG
         nxt = torch.topk(running_lp, k, dim=1).indices
-        run_score = running_lp.gather(1, nxt)
-        run_tok = cand_tok.gather(1, nxt.unsqueeze(2).expand(-1, -1, horizon))
-        run_lp = cand_lp_hist.gather(1, nxt.unsqueeze(2).expand(-1, -1, horizon))
+        s.run_score = running_lp.gather(1, nxt)
+        s.run_tok = cand_tok.gather(1, nxt.unsqueeze(2).expand(-1, -1, horizon))
+        s.run_lp = cand_lp_hist.gather(1, nxt.unsqueeze(2).expand(-1, -1, horizon))
         run_src = src.gather(1, nxt)
 
         # finished candidates among the top num_beams enter the finished set if good enough
@@ -155,37 +201,37 @@ def beam_search(runner: ModelRunner, requests: Sequence[BeamRequest], *, pad_tok
         denom = torch.tensor([(step + 1) ** lp for lp in lp_list], dtype=torch.float32, device=device)
         fin_cand = cand_lp / denom.unsqueeze(1)
         early_true = torch.tensor([e is True for e in early], device=device).unsqueeze(1)
-        full = is_fin.all(dim=1, keepdim=True) & early_true
+        full = s.is_fin.all(dim=1, keepdim=True) & early_true
         fin_cand += full.to(torch.float32) * _NEG
-        fin_cand += (~improvable).to(torch.float32) * _NEG
+        fin_cand += (~s.improvable).to(torch.float32) * _NEG
         fin_cand += (~just_finished) * _NEG
-        merged = torch.topk(torch.cat([fin_score, fin_cand], dim=1), k, dim=1).indices
-        fin_score = torch.cat([fin_score, fin_cand], dim=1).gather(1, merged)
-        fin_tok = _take(torch.cat([fin_tok, cand_tok], dim=1), merged)
-        fin_lp = _take(torch.cat([fin_lp, cand_lp_hist], dim=1), merged)
-        fin_len = torch.cat([fin_len, torch.full_like(cand, step + 1)], dim=1).gather(1, merged)
-        fin_reason = torch.cat([fin_reason, reason], dim=1).gather(1, merged)
-        fin_cut = torch.cat([fin_cut, cand_cut], dim=1).gather(1, merged)
-        is_fin = torch.cat([is_fin, just_finished], dim=1).gather(1, merged)
+        merged = torch.topk(torch.cat([s.fin_score, fin_cand], dim=1), k, dim=1).indices
+        s.fin_score = torch.cat([s.fin_score, fin_cand], dim=1).gather(1, merged)
+        s.fin_tok = _take(torch.cat([s.fin_tok, cand_tok], dim=1), merged)
+        s.fin_lp = _take(torch.cat([s.fin_lp, cand_lp_hist], dim=1), merged)
+        s.fin_len = torch.cat([s.fin_len, torch.full_like(cand, step + 1)], dim=1).gather(1, merged)
+        s.fin_reason = torch.cat([s.fin_reason, reason], dim=1).gather(1, merged)
+        s.fin_cut = torch.cat([s.fin_cut, cand_cut], dim=1).gather(1, merged)
+        s.is_fin = torch.cat([s.is_fin, just_finished], dim=1).gather(1, merged)
 
         # can a running beam still beat the worst finished hypothesis?
         best_len = [max_new[r] if (e == "never" and lp > 0) else step + 1
                     for r, e, lp in zip(alive, early, lp_list, strict=True)]
         best_denom = torch.tensor([n ** lp for n, lp in zip(best_len, lp_list, strict=True)],
                                   dtype=torch.float32, device=device).unsqueeze(1)
-        best_possible = run_score[:, :1] / best_denom
-        worst = torch.where(is_fin, fin_score.min(dim=1, keepdim=True).values, _NEG)
-        improvable = improvable & (best_possible > worst).any(dim=1, keepdim=True)
-        open_beams = ~(is_fin.all(dim=1, keepdim=True) & early_true)
-        goes_on = (improvable & open_beams & ~hits.all(dim=1, keepdim=True)).squeeze(1).tolist()
+        best_possible = s.run_score[:, :1] / best_denom
+        worst = torch.where(s.is_fin, s.fin_score.min(dim=1, keepdim=True).values, _NEG)
+        s.improvable = s.improvable & (best_possible > worst).any(dim=1, keepdim=True)
+        open_beams = ~(s.is_fin.all(dim=1, keepdim=True) & early_true)
+        goes_on = (s.improvable & open_beams & ~hits.all(dim=1, keepdim=True)).squeeze(1).tolist()
 
         done = [j for j, g in enumerate(goes_on) if not g]
         if done:
             elapsed = time.perf_counter() - t_decode
             for j in done:
-                results[alive[j]] = _hypotheses(requests[alive[j]].config.num_return_sequences, fin_tok[j],
-                                                fin_lp[j], fin_score[j], fin_len[j], fin_reason[j], fin_cut[j],
-                                                elapsed)
+                results[alive[j]] = _hypotheses(requests[alive[j]].config.num_return_sequences, s.fin_tok[j],
+                                                s.fin_lp[j], s.fin_score[j], s.fin_len[j], s.fin_reason[j],
+                                                s.fin_cut[j], elapsed)
                 if on_done is not None:
                     on_done(1)
         keep = [j for j, g in enumerate(goes_on) if g]
@@ -197,17 +243,14 @@ def beam_search(runner: ModelRunner, requests: Sequence[BeamRequest], *, pad_tok
             flat_src = flat_src.index_select(0, keep_t)
             rows_keep = (keep_t.unsqueeze(1) * k + torch.arange(k, device=device)).flatten()
             mask, next_pos = mask[rows_keep], next_pos[rows_keep]
-            run_tok, run_lp, run_score = run_tok[keep_t], run_lp[keep_t], run_score[keep_t]
-            fin_tok, fin_lp, fin_score = fin_tok[keep_t], fin_lp[keep_t], fin_score[keep_t]
-            fin_len, fin_reason, fin_cut = fin_len[keep_t], fin_reason[keep_t], fin_cut[keep_t]
-            is_fin, improvable = is_fin[keep_t], improvable[keep_t]
+            s = s.index(keep_t)
             params = params.index([j * k + b for j in keep for b in range(k)])
             gens = [gens[j] for j in keep] if do_sample else []
             alive = [alive[j] for j in keep]
         flat_src = flat_src.flatten()
         cache.reorder_cache(flat_src)
         state.index(flat_src, params)
-        tokens = run_tok[:, :, step].flatten()
+        tokens = s.run_tok[:, :, step].flatten()
         state.append(tokens)
         logits, mask = runner.step(tokens, mask, next_pos, cache)
         next_pos = next_pos + 1
