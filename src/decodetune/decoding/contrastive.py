@@ -39,6 +39,7 @@ class ContrastiveRequest:
     prompt_index: int
     ids: list[int]
     config: DecodingConfig
+    seed: int | None = None  # unused (nothing is random); reported back like the other strategies'
 
 
 def forward_hidden(runner: ModelRunner, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,

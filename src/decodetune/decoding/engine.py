@@ -20,6 +20,8 @@ import torch
 from decodetune.config import DecodingConfig
 from decodetune.decoding.batching import FlatDecoder, FlatRow
 from decodetune.decoding.beam import BeamRequest, beam_search
+from decodetune.decoding.contrastive import ContrastiveRequest, contrastive_search
+from decodetune.decoding.diverse_beam import diverse_beam_search
 from decodetune.decoding.runner import ModelRunner
 from decodetune.decoding.stopping import final_text
 from decodetune.decoding.types import Generation
@@ -70,12 +72,21 @@ def generate(model: Any, prompts: Any, config: DecodingConfig | Sequence[Decodin
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.eos_token_ids[0]
     decode: Callable[[list[int]], str] = lm.decode
     eos = list(lm.eos_token_ids)
-    flat = [FlatRow(i, j, prompt_ids[i], c, seeds[i]) for i, c in enumerate(configs) if not c.is_beam
+    flat = [FlatRow(i, j, prompt_ids[i], c, seeds[i]) for i, c in enumerate(configs) if not _own_decoder(c)
             for j in range(c.num_return_sequences)]
-    beams: dict[tuple[int, bool], list[BeamRequest]] = {}
+    # (decoder, rows per prompt, what else must match in a batch) -> its requests; contrastive and
+    # diverse_beam first, as diverse_beam is a beam strategy too
+    beams: dict[tuple[Any, int, Any], list[Any]] = {}
     for i, c in enumerate(configs):
-        if c.is_beam:
-            beams.setdefault((c.num_beams, c.is_sampling), []).append(BeamRequest(i, prompt_ids[i], c, seeds[i]))
+        if c.strategy == "contrastive":
+            beams.setdefault((contrastive_search, c.top_k, None), []).append(
+                ContrastiveRequest(i, prompt_ids[i], c, seeds[i]))
+        elif c.strategy == "diverse_beam":
+            beams.setdefault((diverse_beam_search, c.num_beams, c.num_beam_groups), []).append(
+                BeamRequest(i, prompt_ids[i], c, seeds[i]))
+        elif c.is_beam:
+            beams.setdefault((beam_search, c.num_beams, c.is_sampling), []).append(
+                BeamRequest(i, prompt_ids[i], c, seeds[i]))
 
     out: dict[tuple[int, int], Generation] = {}
     total = len(flat) + sum(len(v) for v in beams.values())
@@ -88,11 +99,11 @@ def generate(model: Any, prompts: Any, config: DecodingConfig | Sequence[Decodin
                     row.prompt_index, row.sequence_index, row.ids, row.seed, fin.token_ids,
                     fin.logprobs, fin.reason, fin.cut, sum(fin.logprobs), fin.prefill_s, fin.decode_s, decode, eos,
                     logprobs, stop_token=fin.stop_token, top_logprobs=fin.top_logprobs)
-        for (num_beams, _), requests in beams.items():
-            per_batch = None if batch_size is None else max(1, batch_size // num_beams)
+        for (search, width, _), requests in beams.items():
+            per_batch = None if batch_size is None else max(1, batch_size // width)
             for chunk in _chunks(requests, per_batch, key=lambda r: len(r.ids)):
-                results, prefill_s = beam_search(runner, chunk, pad_token_id=pad, eos_token_ids=eos,
-                                                 decode=decode, on_done=advance)
+                results, prefill_s = search(runner, chunk, pad_token_id=pad, eos_token_ids=eos,
+                                            decode=decode, on_done=advance)
                 for req, hyps in zip(chunk, results, strict=True):
                     for j, h in enumerate(hyps):
                         out[(req.prompt_index, j)] = _generation(
@@ -169,6 +180,11 @@ def _check_prompts(prompts: Any) -> list[Any]:
     return prompts
 
 
+def _own_decoder(c: DecodingConfig) -> bool:
+    """Beam strategies and contrastive search run in their own decoders, not the flat loop."""
+    return c.is_beam or c.strategy == "contrastive"
+
+
 def _check_configs(config: Any, n: int) -> list[DecodingConfig]:
     if config is None:
         return [DecodingConfig()] * n
@@ -179,14 +195,12 @@ def _check_configs(config: Any, n: int) -> list[DecodingConfig]:
     if len(configs) != n:
         raise UserError(f"configs: got {len(configs)} configs for {n} prompts (give one, or one per prompt)")
     for c in configs:
-        if c.strategy in ("contrastive", "diverse_beam"):  # until their decoders land (issue 12)
-            raise UserError(f"strategy: {c.strategy!r} is not implemented in the torch engine yet")
         pending = [n for n in _NOT_BUILT if getattr(c, n) != getattr(_DEFAULT, n)]
         if pending:  # until the issue 11 samplers land; each removes its name here
             raise UserError(f"{pending[0]}: not implemented in the torch engine yet")
-        beam_pending = [n for n in _NOT_BUILT_BEAM if c.is_beam and getattr(c, n) != getattr(_DEFAULT, n)]
+        beam_pending = [n for n in _NOT_BUILT_BEAM if _own_decoder(c) and getattr(c, n) != getattr(_DEFAULT, n)]
         if beam_pending:  # the flat loop has them (batching.py); beam.py not yet
-            raise UserError(f"{beam_pending[0]}: not implemented for beam strategies in the torch engine yet")
+            raise UserError(f"{beam_pending[0]}: not implemented for strategy {c.strategy!r} in the torch engine yet")
         if c.is_candidate:  # silently sampling one sequence would pass for the strategy
             raise UserError(f"strategy: {c.strategy!r} selects one of num_candidates samples, which the engine "
                             "does not do; run it through evaluate / eval / tune, or generate "
