@@ -5,15 +5,26 @@ Every processor works on a whole batch at once, with one parameter value per row
 uses it skips it entirely. They share one small interface (llama.cpp's sampler chain): ``name``,
 ``active(state)`` and ``__call__(logits, state) -> logits``.
 
-The order is fixed and documented:
+The order is fixed and documented (llama.cpp's chain starts logit bias -> penalties -> DRY too):
 
-1. ``repetition_penalty`` over prompt + output tokens, transformers' semantics: a seen token's score is
+1. ``logit_bias`` (OpenAI / vLLM / llama.cpp): ``score[token] += bias``;
+2. ``repetition_penalty`` over prompt + output tokens, transformers' semantics: a seen token's score is
    divided by the penalty when positive and multiplied by it when negative;
-2. ``presence_penalty`` / ``frequency_penalty`` over output tokens only, vLLM / OpenAI semantics:
+3. ``presence_penalty`` / ``frequency_penalty`` over output tokens only, vLLM / OpenAI semantics:
    ``score -= frequency * count + presence * (count > 0)``;
-3. ``no_repeat_ngram_size`` (transformers): a token that would complete an n-gram already present in
+   ``penalty_last_n`` (llama.cpp ``repeat_last_n``) windows 2 and 3 to the last n tokens of the context
+   (-1 = all, 0 = penalties off); the last n of the context that are output are the last n output tokens,
+   so 3 keeps vLLM's output-only rule inside llama.cpp's window;
+4. DRY (llama.cpp's ``llama_sampler_dry``, :mod:`decodetune.decoding.dry`);
+5. ``no_repeat_ngram_size`` (transformers): a token that would complete an n-gram already present in
    prompt + output is banned;
-4. ``min_new_tokens``: every EOS id is banned while fewer than ``min_new_tokens`` tokens were generated.
+6. ``bad_words`` (vLLM, :mod:`decodetune.decoding.token_rules`): a token that would complete a bad word's
+   token sequence in the output is banned;
+7. ``min_new_tokens``: every EOS id is banned while fewer than ``min_new_tokens`` tokens were generated.
+
+``bad_words`` and DRY's sequence breakers are strings, tokenized with the model's tokenizer:
+:meth:`RowParams.from_configs` takes it, or the one set by :func:`~decodetune.decoding.token_rules.use_tokenizer`
+(the engine sets it for the whole of ``generate``).
 
 The distribution samplers (temperature, top-k, ...) come after, in :mod:`decodetune.decoding.sampler`.
 Padding never counts as a token (transformers >= 5 also ignores it for the repetition penalty).
@@ -27,44 +38,58 @@ from typing import Any
 import torch
 
 from decodetune.config import DecodingConfig
+from decodetune.config_checks import MIROSTAT_REPLACES
+from decodetune.decoding import dry, token_rules
+from decodetune.decoding.llama_samplers import init_mirostat_state
 
-#: Value of each per-row parameter that makes its processor or sampler a no-op.
+#: Value of each per-row parameter that makes its processor or sampler a no-op (for the detail fields,
+#: e.g. ``dry_base``, simply their defaults: they do nothing while their main field is off).
 NEUTRAL: dict[str, float | int] = {
     "temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0,
     "eta_cutoff": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
-    "no_repeat_ngram_size": 0, "min_new_tokens": 0,
+    "no_repeat_ngram_size": 0, "min_new_tokens": 0, "penalty_last_n": -1,
+    "dry_multiplier": 0.0, "dry_base": 1.75, "dry_allowed_length": 2, "dry_penalty_last_n": -1,
+    "xtc_probability": 0.0, "xtc_threshold": 0.1, "top_n_sigma": -1.0, "mirostat": 0, "mirostat_tau": 5.0,
+    "mirostat_eta": 0.1, "dynatemp_range": 0.0, "dynatemp_exponent": 1.0,
 }
+#: Per-row values that are not numbers (never packed in tensors), with their neutral values.
+OBJECT_FIELDS: dict[str, Any] = {"logit_bias": {}, "bad_words": [], "dry_sequence_breakers": []}
 #: Parameters that only shape the sampling distribution; they are neutral on rows that do not sample.
-SAMPLER_FIELDS = frozenset({"temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff"})
-_INT_FIELDS = frozenset({"top_k", "no_repeat_ngram_size", "min_new_tokens"})
+SAMPLER_FIELDS = frozenset({"temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff",
+                            "xtc_probability", "xtc_threshold", "top_n_sigma", "mirostat", "mirostat_tau",
+                            "mirostat_eta", "dynatemp_range", "dynatemp_exponent"})
+_INT_FIELDS = frozenset({"top_k", "no_repeat_ngram_size", "min_new_tokens", "penalty_last_n", "dry_allowed_length",
+                         "dry_penalty_last_n", "mirostat"})
 
 
 class RowParams:
     """Decoding parameters of the rows of a batch: Python lists (to decide what runs) and device tensors.
 
     Rows that do not sample (greedy, beam, temperature 0) get neutral sampler parameters, so the samplers
-    can never change them.
+    can never change them; mirostat rows get neutral values for the samplers mirostat replaces (llama.cpp's
+    mirostat chain is temperature -> mirostat). ``tokenizer`` tokenizes ``bad_words`` and DRY's breakers.
     """
 
     def __init__(self, values: dict[str, list[Any]], orders: list[tuple[str, ...]], sampling: list[bool],
-                 device: torch.device | str):
+                 device: torch.device | str, tokenizer: Any = None):
         self.values = values
         self.orders = orders
         self.sampling = sampling
         self.device = torch.device(device)
+        self.tokenizer = tokenizer
         self._cache: dict[Any, Any] = {}
 
     @classmethod
-    def from_configs(cls, configs: Sequence[DecodingConfig], device: torch.device | str) -> RowParams:
-        """One row per config (repeat a config to give it several rows)."""
+    def from_configs(cls, configs: Sequence[DecodingConfig], device: torch.device | str,
+                     tokenizer: Any = None) -> RowParams:
+        """One row per config (repeat a config to give it several rows); ``tokenizer`` defaults to the one
+        set by :func:`~decodetune.decoding.token_rules.use_tokenizer`."""
         sampling = [c.is_sampling for c in configs]
-        values = {
-            name: [getattr(c, name) if (s or name not in SAMPLER_FIELDS) else neutral
-                   for c, s in zip(configs, sampling, strict=True)]
-            for name, neutral in NEUTRAL.items()
-        }
+        values = {name: [_row_value(c, s, name, neutral) for c, s in zip(configs, sampling, strict=True)]
+                  for name, neutral in {**NEUTRAL, **OBJECT_FIELDS}.items()}
         orders = [tuple(c.full_sampler_order) for c in configs]
-        return cls(values, orders, sampling, device)
+        tokenizer = tokenizer if tokenizer is not None else token_rules.current_tokenizer()
+        return cls(values, orders, sampling, device, tokenizer)
 
     def __len__(self) -> int:
         return len(self.sampling)
@@ -76,7 +101,17 @@ class RowParams:
 
     def active(self, name: str) -> bool:
         """Whether any row has a non-neutral value for ``name``."""
-        return self.cached(("active", name), lambda: any(v != NEUTRAL[name] for v in self.values[name]))
+        neutral = OBJECT_FIELDS[name] if name in OBJECT_FIELDS else NEUTRAL[name]
+        return self.cached(("active", name), lambda: any(v != neutral for v in self.values[name]))
+
+    def rows_where(self, name: str) -> list[int]:
+        """The rows whose ``name`` is not neutral (memoised)."""
+        neutral = OBJECT_FIELDS[name] if name in OBJECT_FIELDS else NEUTRAL[name]
+        return self.cached(("rows_where", name), lambda: [i for i, v in enumerate(self.values[name]) if v != neutral])
+
+    def index_tensor(self, rows: Sequence[int]) -> torch.Tensor:
+        """``rows`` as a long tensor on the device (memoised)."""
+        return self.cached(("idx", tuple(rows)), lambda: torch.tensor(list(rows), dtype=torch.long, device=self.device))
 
     def cached(self, key: Any, make: Callable[[], Any]) -> Any:
         """Memoise something derived from these rows (tensors, index lists) until the rows change."""
@@ -88,7 +123,8 @@ class RowParams:
         """The parameters of a subset (or reordering) of the rows."""
         rows = list(rows)
         return RowParams({k: [v[i] for i in rows] for k, v in self.values.items()},
-                         [self.orders[i] for i in rows], [self.sampling[i] for i in rows], self.device)
+                         [self.orders[i] for i in rows], [self.sampling[i] for i in rows], self.device,
+                         self.tokenizer)
 
     def subset(self, rows: Sequence[int]) -> RowParams:
         """Like :meth:`index`, memoised (used every step for the sampling rows and the order groups)."""
@@ -110,7 +146,10 @@ class TokenState:
     ``history`` is ``(rows, prompt_len + max_new)``, left-padded, with ``-1`` for padding and for steps not
     generated yet, so that padding never matches a real token. ``seen`` (prompt + output, for the repetition
     penalty) and ``counts`` (output only, for presence/frequency) exist only when some row needs them; both
-    have one spare column that absorbs ids outside the model's output vocabulary.
+    have one spare column that absorbs ids outside the model's output vocabulary. With a ``penalty_last_n``
+    window on some row they are recomputed from ``history`` each step instead (:meth:`penalty_seen`,
+    :meth:`penalty_counts`). ``per_row`` holds the stateful stages' per-row tensors (DRY's suffix matches,
+    mirostat's mu); :meth:`index` keeps them aligned with the rows.
     """
 
     def __init__(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, vocab_size: int,
@@ -125,25 +164,34 @@ class TokenState:
                 history[i, width - len(p):width] = torch.tensor(list(p), dtype=torch.long)
         self.history = history.to(self.device)
         self.length = width
+        self.prompt_width = width
         self.step = 0
+        self.per_row: dict[str, torch.Tensor] = {}
+        self._tables: dict[str, torch.Tensor] = {}
         self.eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=self.device)
         self.seen: torch.Tensor | None = None
         self.counts: torch.Tensor | None = None
-        if rows.active("repetition_penalty"):
+        self.windowed = rows.active("penalty_last_n")
+        if rows.active("repetition_penalty") and not self.windowed:
             ids = self.history[:, :width].clamp(max=vocab_size)
             seen = torch.zeros((len(prompts), vocab_size + 2), dtype=torch.bool, device=self.device)
             # padding (-1) goes to the last spare column, out-of-vocabulary ids to the one before it
             seen.scatter_(1, torch.where(ids < 0, vocab_size + 1, ids), True)
             self.seen = seen[:, : vocab_size + 1].contiguous()
-        if rows.active("presence_penalty") or rows.active("frequency_penalty"):
+        if (rows.active("presence_penalty") or rows.active("frequency_penalty")) and not self.windowed:
             self.counts = torch.zeros((len(prompts), vocab_size + 1), dtype=torch.float32, device=self.device)
+        dry.init_dry_state(self)
+        init_mirostat_state(self)
 
     def append(self, tokens: torch.Tensor) -> None:
         """Record one new token per row."""
         self.history[:, self.length] = tokens
         self.length += 1
         self.step += 1
+        self._tables.clear()
         ids = tokens.clamp(max=self.vocab_size).unsqueeze(1)
+        if "dry_match" in self.per_row:
+            dry.extend_matches(self, self.length - 1)
         if self.seen is not None:
             self.seen.scatter_(1, ids, True)
         if self.counts is not None:
@@ -156,8 +204,42 @@ class TokenState:
             self.seen = self.seen.index_select(0, idx)
         if self.counts is not None:
             self.counts = self.counts.index_select(0, idx)
+        self.per_row = {k: v.index_select(0, idx) for k, v in self.per_row.items()}
+        self._tables.clear()
         if rows is not None:
             self.rows = rows
+
+    def penalty_seen(self) -> torch.Tensor | None:
+        """``(rows, vocab + 1)`` bool: tokens the repetition penalty looks at (None: no row uses it)."""
+        if not self.windowed:
+            return self.seen
+        if not self.rows.active("repetition_penalty"):
+            return None
+        return self._window_table("seen", output_only=False) > 0
+
+    def penalty_counts(self) -> torch.Tensor | None:
+        """``(rows, vocab + 1)`` float: output-token counts for presence/frequency (None: no row uses them)."""
+        if not self.windowed:
+            return self.counts
+        if not (self.rows.active("presence_penalty") or self.rows.active("frequency_penalty")):
+            return None
+        return self._window_table("counts", output_only=True)
+
+    def _window_table(self, key: str, output_only: bool) -> torch.Tensor:
+        """Token counts over each row's last ``penalty_last_n`` tokens (-1 all, 0 none), computed once a step."""
+        if key not in self._tables:
+            hist = self.history[:, : self.length]
+            cols = torch.arange(self.length, device=self.device)
+            n = self.rows.tensor("penalty_last_n").unsqueeze(1)
+            valid = (hist >= 0) & ((n < 0) | (cols >= self.length - n))
+            if output_only:
+                valid &= cols >= self.prompt_width
+            # invalid positions land in the spare column past the vocabulary, which is then dropped
+            ids = torch.where(valid, hist.clamp(max=self.vocab_size), self.vocab_size + 1)
+            table = torch.zeros((hist.shape[0], self.vocab_size + 2), dtype=torch.float32, device=self.device)
+            table.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float32))
+            self._tables[key] = table[:, : self.vocab_size + 1]
+        return self._tables[key]
 
 
 class LogitsProcessor:
@@ -179,13 +261,14 @@ class RepetitionPenalty(LogitsProcessor):
     name = "repetition_penalty"
 
     def active(self, state: TokenState) -> bool:
-        return state.seen is not None
+        return state.seen is not None or (state.windowed and state.rows.active("repetition_penalty"))
 
     def __call__(self, logits: torch.Tensor, state: TokenState) -> torch.Tensor:
-        assert state.seen is not None
+        seen = state.penalty_seen()
+        assert seen is not None
         penalty = state.rows.tensor("repetition_penalty").unsqueeze(1)
         penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
-        return torch.where(state.seen[:, : logits.shape[1]], penalised, logits)
+        return torch.where(seen[:, : logits.shape[1]], penalised, logits)
 
 
 class PresenceFrequencyPenalty(LogitsProcessor):
@@ -194,11 +277,14 @@ class PresenceFrequencyPenalty(LogitsProcessor):
     name = "presence_frequency_penalty"
 
     def active(self, state: TokenState) -> bool:
-        return state.counts is not None and state.step > 0
+        uses = state.counts is not None or (
+            state.windowed and (state.rows.active("presence_penalty") or state.rows.active("frequency_penalty")))
+        return uses and state.step > 0
 
     def __call__(self, logits: torch.Tensor, state: TokenState) -> torch.Tensor:
-        assert state.counts is not None
-        counts = state.counts[:, : logits.shape[1]]
+        counts = state.penalty_counts()
+        assert counts is not None
+        counts = counts[:, : logits.shape[1]]
         frequency = state.rows.tensor("frequency_penalty").unsqueeze(1)
         presence = state.rows.tensor("presence_penalty").unsqueeze(1)
         return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
@@ -232,6 +318,30 @@ class NoRepeatNGram(LogitsProcessor):
         return logits.masked_fill(banned[:, :vocab], float("-inf"))
 
 
+class LogitBias(LogitsProcessor):
+    """``score[token] += bias`` per row (ids outside the vocabulary are ignored, as llama.cpp and vLLM do)."""
+
+    name = "logit_bias"
+
+    def active(self, state: TokenState) -> bool:
+        return state.rows.active("logit_bias")
+
+    def __call__(self, logits: torch.Tensor, state: TokenState) -> torch.Tensor:
+        rows = state.rows
+        vocab = logits.shape[1]
+
+        def make() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            triples = [(i, t, b) for i, bias in enumerate(rows.values["logit_bias"])
+                       for t, b in bias.items() if t < vocab]
+            r, t, b = zip(*triples, strict=True) if triples else ((), (), ())
+            dev = rows.device
+            return (torch.tensor(r, dtype=torch.long, device=dev), torch.tensor(t, dtype=torch.long, device=dev),
+                    torch.tensor(b, dtype=torch.float32, device=dev))
+
+        r, t, b = rows.cached(("logit_bias", vocab), make)
+        return logits.index_put((r, t), b.to(logits.dtype), accumulate=True)
+
+
 class MinNewTokens(LogitsProcessor):
     """Bans every EOS id on rows that have generated fewer than ``min_new_tokens`` tokens."""
 
@@ -248,9 +358,15 @@ class MinNewTokens(LogitsProcessor):
         return out
 
 
-#: The fixed order of the processors that run before the distribution samplers.
-PROCESSORS: tuple[LogitsProcessor, ...] = (RepetitionPenalty(), PresenceFrequencyPenalty(), NoRepeatNGram(),
-                                           MinNewTokens())
+def _row_value(config: DecodingConfig, sampling: bool, name: str, neutral: Any) -> Any:
+    """A config's value for one per-row parameter, neutral where the row never reads it."""
+    if name in SAMPLER_FIELDS and not sampling:
+        return neutral
+    if config.mirostat and name in MIROSTAT_REPLACES:
+        return neutral
+    return getattr(config, name)
+
+
 
 
 def apply_processors(logits: torch.Tensor, state: TokenState) -> torch.Tensor:
@@ -259,6 +375,12 @@ def apply_processors(logits: torch.Tensor, state: TokenState) -> torch.Tensor:
         if proc.active(state):
             logits = proc(logits, state)
     return logits
+
+
+#: The fixed order of the processors that run before the distribution samplers (DRY and bad words share the
+#: ``name`` / ``active`` / ``__call__`` interface without importing this module).
+PROCESSORS: tuple[Any, ...] = (LogitBias(), RepetitionPenalty(), PresenceFrequencyPenalty(), dry.DRY(),
+                               NoRepeatNGram(), token_rules.BadWords(), MinNewTokens())
 
 
 def _groups(values: Sequence[int]) -> list[tuple[int, list[int]]]:

@@ -8,6 +8,16 @@ p >= min(eta, sqrt(eta) * exp(-entropy)), Hewitt et al. 2022). Truncations never
 ``min_keep`` tokens (1 for sampling; for stochastic beam search, as transformers, the number of EOS ids + 1,
 and 2 without any EOS id).
 
+llama.cpp's ``top_n_sigma`` and ``xtc`` stages, dynamic temperature (the ``temperature`` stage when
+``dynatemp_range > 0``) and mirostat live in :mod:`decodetune.decoding.llama_samplers`; mirostat rows run
+temperature then mirostat, nothing else (llama.cpp's chain), and mirostat is always last.
+
+Compared with llama.cpp (tests/test_llama_reference.py runs both): temperature, top-p, min-p and typical
+keep the same sets on the same logits, up to float rounding at a boundary (top-p and typical sum
+probabilities in another order; min-p compares probabilities, llama.cpp logits ``>= max + log p``; typical
+keeps through the first cumulative mass ``>= p`` where llama.cpp needs ``> p``). top-k keeps every token
+tied with the k-th score (transformers); llama.cpp keeps exactly k, the tied ones in an unspecified order.
+
 Rows run the stages in their own ``full_sampler_order``; rows with different orders in one batch are
 grouped by order. A stage whose parameter is neutral on every row is skipped.
 
@@ -26,7 +36,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from decodetune.decoding.processors import RowParams
+from decodetune.decoding import llama_samplers as L
+from decodetune.decoding.processors import RowParams, TokenState
+from decodetune.errors import UserError
 
 NEG_INF = float("-inf")
 
@@ -34,7 +46,10 @@ Stage = Callable[[torch.Tensor, RowParams, int], torch.Tensor]
 
 
 def temperature(logits: torch.Tensor, rows: RowParams, min_keep: int) -> torch.Tensor:
-    """``logits / T`` per row (T > 0 here: temperature 0 rows are greedy and never reach the samplers)."""
+    """``logits / T`` per row (T > 0 here: temperature 0 rows are greedy and never reach the samplers);
+    llama.cpp's entropy-based ``temp_ext`` on rows with ``dynatemp_range > 0``."""
+    if rows.active("dynatemp_range"):
+        return L.dynamic_temperature(logits, rows)
     return logits / rows.tensor("temperature").unsqueeze(1)
 
 
@@ -153,38 +168,86 @@ def _below_top(logits: torch.Tensor, min_keep: int) -> torch.Tensor:
     return logits < torch.topk(logits, min(min_keep, logits.shape[1]), dim=1).values[:, -1:]
 
 
-#: name -> (stage, the RowParams field that must be non-neutral on some row for it to run)
-STAGES: dict[str, tuple[Stage, str]] = {
-    "temperature": (temperature, "temperature"),
-    "top_k": (top_k, "top_k"),
-    "top_p": (top_p, "top_p"),
-    "min_p": (min_p, "min_p"),
-    "typical_p": (typical_p, "typical_p"),
-    "epsilon_cutoff": (epsilon_cutoff, "epsilon_cutoff"),
-    "eta_cutoff": (eta_cutoff, "eta_cutoff"),
+#: name -> (stage, the RowParams fields of which one must be non-neutral on some row for it to run);
+#: ``xtc`` is run by :func:`_run_chain` itself, with the rows' coins.
+STAGES: dict[str, tuple[Stage, tuple[str, ...]]] = {
+    "temperature": (temperature, ("temperature", "dynatemp_range")),
+    "top_k": (top_k, ("top_k",)),
+    "top_p": (top_p, ("top_p",)),
+    "min_p": (min_p, ("min_p",)),
+    "typical_p": (typical_p, ("typical_p",)),
+    "epsilon_cutoff": (epsilon_cutoff, ("epsilon_cutoff",)),
+    "eta_cutoff": (eta_cutoff, ("eta_cutoff",)),
+    "top_n_sigma": (L.top_n_sigma, ("top_n_sigma",)),
 }
 
 
-def apply_samplers(logits: torch.Tensor, rows: RowParams, min_keep: int = 1) -> torch.Tensor:
-    """Run the distribution stages on every row in that row's ``full_sampler_order``."""
+def apply_samplers(logits: torch.Tensor, rows: RowParams, min_keep: int = 1,
+                   coins: torch.Tensor | None = None) -> torch.Tensor:
+    """Run the distribution stages on every row in that row's ``full_sampler_order``.
+
+    ``coins``: XTC's per-row uniforms (:func:`~decodetune.decoding.llama_samplers.xtc_coins`); rows with XTC
+    need them. Mirostat selects the token itself, so it runs only through :func:`sample_tokens`.
+    """
+    if rows.active("mirostat"):
+        raise UserError("mirostat: selects the token itself, which beam search cannot use; use strategy sample")
+    if coins is None and rows.active("xtc_probability"):
+        raise UserError("xtc_probability: XTC draws a coin per row, which beam_sample does not give it")
+    return _apply_chains(logits, rows, min_keep, coins)
+
+
+def _apply_chains(logits: torch.Tensor, rows: RowParams, min_keep: int, coins: torch.Tensor | None) -> torch.Tensor:
     groups = rows.order_groups()
     if len(groups) == 1:
-        return _run_chain(groups[0][0], logits, rows, min_keep)
+        return _run_chain(groups[0][0], logits, rows, min_keep, coins)
     out = logits.clone()
     for order, idx in groups:
-        idx_t = rows.cached(("idx", tuple(idx)), lambda idx=idx: torch.tensor(idx, device=logits.device))
-        out[idx_t] = _run_chain(order, logits.index_select(0, idx_t), rows.subset(idx), min_keep)
+        idx_t = rows.index_tensor(idx)
+        sub_coins = None if coins is None else coins.index_select(0, idx_t)
+        out[idx_t] = _run_chain(order, logits.index_select(0, idx_t), rows.subset(idx), min_keep, sub_coins)
     return out
 
 
-def _run_chain(order: Sequence[str], logits: torch.Tensor, rows: RowParams, min_keep: int) -> torch.Tensor:
+def _run_chain(order: Sequence[str], logits: torch.Tensor, rows: RowParams, min_keep: int,
+               coins: torch.Tensor | None) -> torch.Tensor:
     for name in order:
-        if name not in STAGES:  # not built yet; decoding.engine refuses configs that use it
+        if name == "xtc":
+            if coins is not None and rows.active("xtc_probability"):
+                logits = L.xtc(logits, rows, min_keep, coins)
             continue
-        stage, field = STAGES[name]
-        if rows.active(field):
+        stage, fields = STAGES[name]
+        if any(rows.active(f) for f in fields):
             logits = stage(logits, rows, min_keep)
     return logits
+
+
+def sample_tokens(scores: torch.Tensor, params: RowParams, generators: Sequence[torch.Generator | None],
+                  state: TokenState | None = None) -> torch.Tensor:
+    """One token per row: argmax for greedy rows; for sampling rows their chain (XTC coin first), mirostat,
+    and the seeded draw, then mirostat's mu update from the drawn token (``state`` holds mu)."""
+    sampling = params.cached("sampling_rows", lambda: [i for i, s in enumerate(params.sampling) if s])
+    if not sampling:
+        return scores.argmax(dim=1)
+    whole = len(sampling) == len(params)
+    rows = params if whole else params.subset(sampling)
+    sub = scores if whole else scores.index_select(0, params.index_tensor(sampling))
+    gens = list(generators) if whole else [generators[i] for i in sampling]
+    logits = _apply_chains(sub, rows, 1, L.xtc_coins(rows, gens, scores.device))
+    mirostat = rows.active("mirostat")
+    if mirostat:
+        if state is None or "mirostat_mu" not in state.per_row:
+            raise UserError("mirostat: needs the token state (mu per row) in sample_tokens")
+        mu = state.per_row["mirostat_mu"]
+        logits = L.mirostat_truncate(logits, rows, mu if whole else mu.index_select(0, params.index_tensor(sampling)))
+    probs = logits.softmax(dim=1)
+    drawn = draw(probs, gens)  # type: ignore[arg-type]
+    if mirostat:
+        L.update_mirostat(state, sampling, probs, drawn, rows)  # type: ignore[arg-type]
+    if whole:
+        return drawn
+    tokens = scores.argmax(dim=1)
+    tokens[params.index_tensor(sampling)] = drawn
+    return tokens
 
 
 def exponential_noise(shape: tuple[int, int], generators: Sequence[torch.Generator],
