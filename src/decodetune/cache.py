@@ -61,7 +61,11 @@ def cache_key(model_id: str, prompt_ids: Any, config: DecodingConfig, seed: int 
 
 
 def model_fingerprint(lm: Any) -> str:
-    """``name`` plus a hash of the weights, memoised on the handle (two "custom" models must not collide)."""
+    """``name`` plus a hash of the weights, memoised on the handle (two "custom" models must not collide).
+
+    A precision other than fp32 is part of it (``name:bf16:hash``), so fp32 keys stay what they were. An int8
+    model loaded by ``load_model`` carries the memo made from the fp32 weights it was quantised from (its
+    packed int8 weights are no parameters to hash here)."""
     memo = getattr(lm, "extra", {}).get("fingerprint")
     if memo:
         return memo
@@ -73,7 +77,8 @@ def model_fingerprint(lm: Any) -> str:
             h.update(name.encode())
             h.update(str(tuple(p.shape)).encode())
             h.update(p.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    fp = f"{lm.name}:{h.hexdigest()[:16]}"
+    dtype = getattr(lm, "dtype", "") or "fp32"
+    fp = f"{lm.name}:{h.hexdigest()[:16]}" if dtype == "fp32" else f"{lm.name}:{dtype}:{h.hexdigest()[:16]}"
     if hasattr(lm, "extra"):
         lm.extra["fingerprint"] = fp
     return fp

@@ -37,7 +37,9 @@ class BackendOptions:
     """How to reach an engine. Only the fields of the chosen backend are used.
 
     ``api_key_env`` names an environment variable: the key itself is never an option, so it cannot end
-    up in a study, a report or a log.
+    up in a study, a report or a log. ``dtype`` is the weight precision (``fp32`` | ``bf16`` | ``int8``;
+    None: the backend's default, fp32 for torch and vLLM's ``auto``); llama.cpp and servers take none,
+    since the GGUF file or the server fixes the precision, and vLLM takes no int8.
     """
 
     name: str = "torch"
@@ -54,10 +56,12 @@ class BackendOptions:
     n_ctx: int = 2048  # llamacpp: context per sequence slot
     n_threads: int | None = None
     n_seq_max: int = 8  # llamacpp: sequence slots decoded together per llama_decode
+    dtype: str | None = None
 
     def __post_init__(self) -> None:
         if self.name not in BACKENDS:
             raise UserError(f"--backend: unknown backend {self.name!r}; choose one of {', '.join(BACKENDS)}")
+        self._check_dtype()
         if self.concurrency < 1:
             raise UserError(f"--concurrency: must be >= 1, got {self.concurrency}")
         if self.n_ctx < 16:
@@ -72,6 +76,20 @@ class BackendOptions:
             raise UserError("--base-url: the openai backend needs the server's URL (e.g. http://127.0.0.1:8000/v1)")
         if self.name != "openai" and self.base_url:
             raise UserError(f"--base-url: only the openai backend takes a URL (backend is {self.name!r})")
+
+    def _check_dtype(self) -> None:
+        if self.dtype is None:
+            return
+        from decodetune.models.precision import check_dtype
+
+        object.__setattr__(self, "dtype", check_dtype(self.dtype, "--dtype"))  # frozen: normalise in place
+        if self.name in ("llamacpp", "openai"):
+            what = "the GGUF file" if self.name == "llamacpp" else "the server"
+            raise UserError(f"--dtype: the {self.name} backend runs the precision {what} has; drop --dtype "
+                            "(pick a GGUF quantisation or the server's --dtype instead)")
+        if self.name == "vllm" and self.dtype == "int8":
+            raise UserError("--dtype: the vllm backend takes fp32 or bf16 (int8 needs a quantised checkpoint "
+                            "and vLLM's --quantization)")
 
     def to_dict(self) -> dict[str, Any]:
         """What a study records about the backend (no secrets: only the key's variable name)."""
@@ -89,8 +107,8 @@ def open_backend(model: Any, options: BackendOptions | None = None) -> Backend:
 
         if isinstance(model, str):
             return TorchBackend(load_model(model, raw=opts.raw, trust_remote_code=opts.trust_remote_code,
-                                           device=opts.device))
-        return TorchBackend(load_model(model, raw=opts.raw))
+                                           device=opts.device, dtype=opts.dtype))
+        return TorchBackend(load_model(model, raw=opts.raw, dtype=opts.dtype))
     if opts.name == "llamacpp":
         from decodetune.backends.llamacpp import LlamaCppBackend
 

@@ -199,7 +199,8 @@ class VLLMBackend:
         # dtype and gpu_memory_utilization are read only if the options carry them (BackendOptions may not)
         extra = {k: getattr(opts, k) for k in ("gpu_memory_utilization",) if getattr(opts, k, None) is not None}
         try:
-            llm = vllm.LLM(model=target, dtype=getattr(opts, "dtype", None) or "auto", seed=0,
+            dtype = {"fp32": "float32", "bf16": "bfloat16"}.get(getattr(opts, "dtype", None) or "", "auto")
+            llm = vllm.LLM(model=target, dtype=dtype, seed=0,
                            max_model_len=opts.n_ctx, trust_remote_code=opts.trust_remote_code, **extra)
         except ValueError as e:  # vLLM's own checks (max_model_len too long, unknown architecture...)
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]

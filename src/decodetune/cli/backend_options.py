@@ -26,6 +26,8 @@ _FLAGS: list[tuple[str, Any, Any, str]] = [
     ("request_timeout", float, 120.0, "--request-timeout|openai: seconds per request"),
     ("n_ctx", int, 2048, "--n-ctx|llamacpp / vllm: context tokens per sequence"),
     ("n_seq_max", int, 8, "--parallel|llamacpp: sequences decoded together"),
+    ("dtype", Optional[str], None,  # noqa: UP045
+     "--dtype|torch / vllm: weight precision fp32 | bf16 | int8 (torch only); default fp32 (vllm: auto)"),
 ]
 
 
@@ -56,7 +58,7 @@ def make_options(values: dict[str, Any]) -> Any:
                           api_key_env=values["api_key_env"], served_model=values["served_model"],
                           endpoint=values["endpoint"], concurrency=values["concurrency"],
                           timeout_s=values["request_timeout"], n_ctx=values["n_ctx"],
-                          n_seq_max=values["n_seq_max"])
+                          n_seq_max=values["n_seq_max"], dtype=values["dtype"])
 
 
 def with_model_flags(opts: Any, *, raw: bool = False, trust_remote_code: bool = False,
@@ -71,7 +73,7 @@ def with_model_flags(opts: Any, *, raw: bool = False, trust_remote_code: bool = 
 def engine_for(model: str, opts: Any) -> Any:
     """What evaluate()/compare() get as ``model``: the name itself for the default torch engine (it loads
     after the task and configs are checked), else the opened backend."""
-    if opts.name == "torch" and not (opts.raw or opts.trust_remote_code or opts.device):
+    if opts.name == "torch" and not (opts.raw or opts.trust_remote_code or opts.device or opts.dtype):
         return model
     from decodetune.backends import open_backend
 

@@ -15,8 +15,10 @@ from typing import Any
 from decodetune.errors import UserError
 from decodetune.models.builtin import BUILTIN_MODELS, ensure_builtin, is_cached, model_dir
 from decodetune.models.handle import LoadedModel, Prompt
+from decodetune.models.precision import DEFAULT_DTYPE, DTYPES, check_dtype, convert, dtype_of, torch_load_dtype
 
-__all__ = ["LoadedModel", "Prompt", "load_model", "BUILTIN_MODELS", "is_cached", "model_dir", "DEFAULT_MODEL"]
+__all__ = ["LoadedModel", "Prompt", "load_model", "BUILTIN_MODELS", "is_cached", "model_dir", "DEFAULT_MODEL",
+           "DTYPES"]
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -25,55 +27,93 @@ _LOCK = threading.Lock()
 
 
 def load_model(spec: Any = DEFAULT_MODEL, *, trust_remote_code: bool = False, raw: bool = False,
-               device: str | None = None, reuse: bool = True) -> LoadedModel:
+               device: str | None = None, reuse: bool = True, dtype: str | None = None) -> LoadedModel:
     """Resolve ``spec`` to a :class:`LoadedModel`.
 
     ``spec`` is a builtin name (``smollm2-135m``), a local Hugging Face model folder, a ``.gguf`` file, a hub
     id (needs network or a local hub cache), a ``(model, tokenizer)`` pair, or a LoadedModel. Instruct models
     use their chat template unless ``raw``. ``trust_remote_code`` stays off unless asked for.
+    ``dtype`` is the weight precision, ``fp32`` | ``bf16`` | ``int8`` (see :mod:`decodetune.models.precision`):
+    None loads names and paths in fp32 and leaves an in-memory model as it is; a dtype other than an
+    in-memory model's own converts a copy (the caller's model is never changed).
     A spec that cannot be resolved raises :class:`UserError` naming what was tried.
     """
+    dtype = None if dtype is None else check_dtype(dtype)
     if isinstance(spec, LoadedModel):
+        if dtype not in (None, spec.dtype):
+            return _converted(spec.model, spec.tokenizer, spec.name, spec.chat and not raw, spec.source, dtype)
         if raw and spec.chat:
-            return LoadedModel(spec.model, spec.tokenizer, name=spec.name, chat=False, source=spec.source)
+            return LoadedModel(spec.model, spec.tokenizer, name=spec.name, chat=False, source=spec.source,
+                               dtype=spec.dtype)
         return spec
     if isinstance(spec, tuple | list) and len(spec) == 2 and not isinstance(spec[0], str):
         model, tok = spec
-        return LoadedModel(model, tok, name=_fingerprint(model), chat=_has_chat(tok) and not raw,
-                           source="in-memory")
+        chat = _has_chat(tok) and not raw
+        if dtype not in (None, dtype_of(model)):
+            return _converted(model, tok, _fingerprint(model), chat, "in-memory", dtype)
+        return LoadedModel(model, tok, name=_fingerprint(model), chat=chat, source="in-memory")
     if isinstance(spec, os.PathLike):
         spec = str(spec)
     if not isinstance(spec, str) or not spec.strip():
         raise UserError(f"model: expected a name, path, hub id or (model, tokenizer) pair, got {spec!r}")
-    key = (spec, trust_remote_code, raw, device)
+    dtype = dtype or DEFAULT_DTYPE
+    key = (spec, trust_remote_code, raw, device, dtype)
     with _LOCK:
         if reuse and key in _LOADED:
             return _LOADED[key]
-        loaded = _load_str(spec, trust_remote_code=trust_remote_code, raw=raw, device=device)
+        loaded = _load_str(spec, trust_remote_code=trust_remote_code, raw=raw, device=device, dtype=dtype)
         if reuse:
             _LOADED[key] = loaded
         return loaded
 
 
-def _load_str(spec: str, *, trust_remote_code: bool, raw: bool, device: str | None) -> LoadedModel:
+def _converted(model: Any, tok: Any, name: str, chat: bool, source: str, dtype: str) -> LoadedModel:
+    """A copy of an in-memory model in ``dtype`` (float32 first: int8 quantises float weights)."""
+    import copy
+
+    import torch
+
+    twin = copy.deepcopy(model)
+    if dtype_of(twin) == "int8":
+        raise UserError(f"dtype: cannot convert an int8 model to {dtype}; load the original weights instead")
+    twin.to(torch.float32)
+    return _finish(twin, tok, name=name, chat=chat, source=source, dtype=dtype)
+
+
+def _finish(model: Any, tok: Any, *, name: str, chat: bool, source: str, dtype: str) -> LoadedModel:
+    """The LoadedModel in ``dtype``. An int8 one carries the fingerprint of the fp32 weights it is quantised
+    from: quantisation is deterministic, and its packed weights are no parameters the cache could hash."""
+    extra: dict[str, Any] = {}
+    if dtype == "int8":
+        from decodetune.cache import model_fingerprint
+
+        name_part, digest = model_fingerprint(LoadedModel(model, tok, name=name, dtype="fp32")).rsplit(":", 1)
+        extra["fingerprint"] = f"{name_part}:int8:{digest}"
+    return LoadedModel(convert(model, dtype), tok, name=name, chat=chat, source=source, extra=extra, dtype=dtype)
+
+
+def _load_str(spec: str, *, trust_remote_code: bool, raw: bool, device: str | None,
+              dtype: str = DEFAULT_DTYPE) -> LoadedModel:
     tried: list[str] = []
     if spec in BUILTIN_MODELS:
         path = ensure_builtin(spec)
-        return _from_dir(path, name=spec, raw=raw, device=device, trust_remote_code=False, source=str(path))
+        return _from_dir(path, name=spec, raw=raw, device=device, trust_remote_code=False, source=str(path),
+                         dtype=dtype)
     tried.append(f"not a builtin ({', '.join(BUILTIN_MODELS)})")
     p = Path(spec).expanduser()
     if p.is_file() and p.suffix == ".gguf":
-        return _from_gguf(p, raw=raw, device=device)
+        return _from_gguf(p, raw=raw, device=device, dtype=dtype)
     if p.is_dir():
         if (p / "config.json").exists():
             return _from_dir(p, name=str(p.resolve()), raw=raw, device=device,
-                             trust_remote_code=trust_remote_code, source=str(p.resolve()))
+                             trust_remote_code=trust_remote_code, source=str(p.resolve()), dtype=dtype)
         raise UserError(f"model {spec!r}: folder has no config.json (not a Hugging Face model folder)")
     if p.exists():
         raise UserError(f"model {spec!r}: file is not a .gguf model or a model folder")
     tried.append("not a local path")
     if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
-        kw = dict(name=spec, raw=raw, device=device, trust_remote_code=trust_remote_code, source=f"hub:{spec}")
+        kw = dict(name=spec, raw=raw, device=device, trust_remote_code=trust_remote_code, source=f"hub:{spec}",
+                  dtype=dtype)
         try:  # the local hub cache first: no network, no retries
             return _from_dir(spec, local_files_only=True, **kw)
         except Exception:
@@ -115,8 +155,7 @@ def _device(device: str | None) -> str:
 
 
 def _from_dir(path: str | Path, *, name: str, raw: bool, device: str | None, trust_remote_code: bool,
-              source: str, local_files_only: bool = False) -> LoadedModel:
-    import torch
+              source: str, local_files_only: bool = False, dtype: str = DEFAULT_DTYPE) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -124,26 +163,27 @@ def _from_dir(path: str | Path, *, name: str, raw: bool, device: str | None, tru
     hf_logging.disable_progress_bar()
     kw = {"trust_remote_code": trust_remote_code, "local_files_only": local_files_only}
     tok = AutoTokenizer.from_pretrained(str(path), **kw)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **kw)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_load_dtype(dtype), **kw)
     _patch_hook(model, path)
     model.to(_device(device))
-    return LoadedModel(model, tok, name=name, chat=_has_chat(tok) and not raw, source=source)
+    return _finish(model, tok, name=name, chat=_has_chat(tok) and not raw, source=source, dtype=dtype)
 
 
-def _from_gguf(path: Path, *, raw: bool, device: str | None) -> LoadedModel:
-    import torch
+def _from_gguf(path: Path, *, raw: bool, device: str | None, dtype: str = DEFAULT_DTYPE) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                     dtype=torch_load_dtype(dtype))
     except (ValueError, KeyError, OSError, EOFError) as e:
         # the GGUF reader raises these for files that are not GGUF (bad magic, empty, truncated) or that
         # hold an architecture transformers can't load: bad input, so one line naming the file
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise UserError(f"model {str(path)!r}: not a loadable GGUF file ({reason})") from None
     model.to(_device(device))
-    return LoadedModel(model, tok, name=str(path.resolve()), chat=_has_chat(tok) and not raw, source=str(path))
+    return _finish(model, tok, name=str(path.resolve()), chat=_has_chat(tok) and not raw, source=str(path),
+                   dtype=dtype)
 
 
 def _patch_hook(model: Any, path: str | Path) -> None:

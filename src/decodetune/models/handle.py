@@ -17,6 +17,8 @@ class LoadedModel:
 
     ``name`` identifies the weights (used in cache keys). ``chat`` says whether prompts go through the
     tokenizer's chat template; it is on for models that have one unless the user asked for ``raw``.
+    ``dtype`` is the weight precision (``fp32`` | ``bf16`` | ``int8``, :mod:`decodetune.models.precision`);
+    left empty, it is read off the model. It is part of the cache identity.
     """
 
     model: Any
@@ -25,9 +27,14 @@ class LoadedModel:
     chat: bool = False
     source: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    dtype: str = ""
 
     def __post_init__(self) -> None:
         self.model.eval()
+        if not self.dtype:
+            from decodetune.models.precision import dtype_of
+
+            self.dtype = dtype_of(self.model)
         tok = self.tokenizer
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token

@@ -150,7 +150,10 @@ def tune(model: Any, task: Any, *, search: str = "tpe", n_trials: int = 20,
                                loaded.name)
     if search == "grid":
         grid_points = space_obj.grid(seed=seed)
-    name = study_name or default_study_name(loaded.model_name, task.name, search)
+    dtype = getattr(getattr(loaded, "lm", None), "dtype", None) or getattr(loaded, "dtype", None)
+    # a reduced-precision torch run is another study by default (fp32 keeps the names it always had)
+    suffix = f"-{dtype}" if loaded.name == "torch" and dtype not in (None, "fp32") else ""
+    name = study_name or default_study_name(f"{loaded.model_name}{suffix}", task.name, search)
     n_obj = len(objs)
     pruning = bool(prune and n_obj == 1 and not objs[0].corpus and len(splits.dev_indices) > 8)
     sampler_options = {"n_startup_trials": max(4, min(10, n_trials // 3)),
@@ -160,6 +163,8 @@ def tune(model: Any, task: Any, *, search: str = "tpe", n_trials: int = 20,
                 "repeats": repeats}
     if loaded.name != "torch":  # studies made before backends existed carry no backend key
         identity["backend"] = loaded.name
+    if dtype:  # the weight precision (torch: fp32 | bf16 | int8; vLLM: what it resolved)
+        identity["dtype"] = str(dtype)
     sampler = make_sampler(search, seed, space_obj, n_obj, n_trials, sampler_options)
     if fresh:
         _delete_study(info, name, announce)
@@ -384,7 +389,7 @@ def _backend_options(backend: Any, model_options: dict[str, Any] | None) -> Any:
     opts = backend if isinstance(backend, BackendOptions) else BackendOptions()
     if model_options:
         opts = dataclasses.replace(opts, **{k: v for k, v in model_options.items() if k in ("raw",
-                                            "trust_remote_code", "device")})
+                                            "trust_remote_code", "device", "dtype")})
     return opts
 
 

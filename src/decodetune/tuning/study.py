@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 SEARCHES = ("grid", "random", "tpe", "gp", "cmaes", "nsga2")
 #: Study user attributes that must agree when a study is resumed.
-IDENTITY_KEYS = ("model", "task", "objectives", "space", "limit", "repeats")
+IDENTITY_KEYS = ("model", "task", "objectives", "space", "limit", "repeats", "dtype")
 
 
 @dataclass
