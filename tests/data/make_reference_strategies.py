@@ -84,12 +84,26 @@ def run_case(model, tok, prompts: list[str], case: dict, eos: list[int]) -> dict
             "sequence_scores": scores}
 
 
+def _v4_config(model_dir: Path):
+    """The folder's config as v4 reads it, plus the RoPE base: transformers 5 writes it as
+    ``rope_parameters.rope_theta``, which v4 ignores (it would silently use its default of 10000)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    raw = json.loads((model_dir / "config.json").read_text())
+    rope = raw.get("rope_parameters") or {}
+    if "rope_theta" in rope:
+        config.rope_theta = rope["rope_theta"]
+    return config
+
+
 def record(model_dir: Path, name: str, cases: list, prompts: list[str]) -> list[dict]:
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     # transformers 5 saves tokenizer_class "TokenizersBackend", which v4 lacks; the tokenizer.json is the same
     tok = PreTrainedTokenizerFast.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, config=_v4_config(model_dir),
+                                                 torch_dtype=torch.float32).eval()
     out = []
     for case_name, case, eos in cases:
         eos = eos or list(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id,
