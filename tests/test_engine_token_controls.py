@@ -85,5 +85,5 @@ def test_top_logprobs_are_the_raw_model_distribution(lm, cfg):
 def test_beam_configs_refuse_the_flat_loop_controls(lm):
     beam = DecodingConfig(strategy="beam", num_beams=2, max_new_tokens=4)
     for field, value in (("top_logprobs", 2), ("ignore_eos", True), ("stop_token_ids", [5])):
-        with pytest.raises(UserError, match=f"{field}: not implemented for beam"):
+        with pytest.raises(UserError, match=f"{field}: not implemented for strategy .beam."):
             generate(lm, PROMPTS[:1], beam.replace(**{field: value}))
