@@ -32,7 +32,7 @@ from decodetune.decoding import processors
 from decodetune.decoding.kvcache import KV, fit, join, layers_of, set_layers, take
 from decodetune.decoding.processors import RowParams, TokenState, apply_processors
 from decodetune.decoding.runner import ModelRunner
-from decodetune.decoding.sampler import apply_samplers, draw, make_generator, row_seed
+from decodetune.decoding.sampler import make_generator, row_seed, sample_tokens
 from decodetune.decoding.stopping import RowStopper, StopStrings
 
 #: Row parameters whose processors / samplers give the same result on a batch whose rows started at
@@ -106,19 +106,10 @@ class _Track:
     top: list[dict[int, float]] | None = None
 
 
-def select_tokens(scores: torch.Tensor, params: RowParams,
-                  gens: Sequence[torch.Generator | None]) -> torch.Tensor:
-    """Argmax for greedy rows; sampler chain + seeded draw for sampling rows."""
-    sampling = params.cached("sampling_rows", lambda: [i for i, s in enumerate(params.sampling) if s])
-    if not sampling:
-        return scores.argmax(dim=1)
-    if len(sampling) == len(params):
-        return draw(apply_samplers(scores, params).softmax(dim=1), gens)  # type: ignore[arg-type]
-    idx = params.cached("sampling_index", lambda: torch.tensor(sampling, device=scores.device))
-    sub = apply_samplers(scores.index_select(0, idx), params.subset(sampling)).softmax(dim=1)
-    tokens = scores.argmax(dim=1)
-    tokens[idx] = draw(sub, [gens[i] for i in sampling])  # type: ignore[misc]
-    return tokens
+def select_tokens(scores: torch.Tensor, params: RowParams, gens: Sequence[torch.Generator | None],
+                  state: TokenState | None = None) -> torch.Tensor:
+    """Argmax for greedy rows; sampler chain + seeded draw for sampling rows (``state``: mirostat's mu)."""
+    return sample_tokens(scores, params, gens, state)
 
 
 class FlatDecoder:
@@ -173,7 +164,7 @@ class FlatDecoder:
         assert self.params is not None and self.state is not None
         logits = self.logits
         scores = self._ban_stop_tokens(apply_processors(logits, self.state))
-        tokens = select_tokens(scores, self.params, self.gens)
+        tokens = select_tokens(scores, self.params, self.gens, self.state)
         lse = logits.logsumexp(dim=1, keepdim=True)
         cols = [tokens.unsqueeze(1), logits.gather(1, tokens.unsqueeze(1)) - lse]
         if self.top_n:

@@ -24,6 +24,7 @@ from decodetune.decoding.contrastive import ContrastiveRequest, contrastive_sear
 from decodetune.decoding.diverse_beam import diverse_beam_search
 from decodetune.decoding.runner import ModelRunner
 from decodetune.decoding.stopping import final_text
+from decodetune.decoding.token_rules import use_tokenizer
 from decodetune.decoding.types import Generation
 from decodetune.errors import UserError
 
@@ -90,7 +91,8 @@ def generate(model: Any, prompts: Any, config: DecodingConfig | Sequence[Decodin
 
     out: dict[tuple[int, int], Generation] = {}
     total = len(flat) + sum(len(v) for v in beams.values())
-    with torch.inference_mode(), _progress(progress, total) as advance:
+    # bad_words and DRY's breakers are tokenized with the model's tokenizer (decoding.token_rules)
+    with torch.inference_mode(), use_tokenizer(lm.tokenizer), _progress(progress, total) as advance:
         if flat:
             decoder = FlatDecoder(runner, flat, pad=pad, eos=eos, decode=decode, batch_size=batch_size,
                                   advance=advance, continuous=CONTINUOUS_BATCHING, compact=COMPACT_FINISHED_ROWS)
@@ -209,8 +211,7 @@ def _check_configs(config: Any, n: int) -> list[DecodingConfig]:
 
 
 _DEFAULT = DecodingConfig()
-_NOT_BUILT = ("penalty_last_n", "dry_multiplier", "xtc_probability", "top_n_sigma", "mirostat", "dynatemp_range",
-              "logit_bias", "bad_words")
+_NOT_BUILT: tuple[str, ...] = ()
 _NOT_BUILT_BEAM = ("stop_token_ids", "ignore_eos", "top_logprobs")
 
 
