@@ -144,6 +144,7 @@ class FlatDecoder:
         self.state: TokenState | None = None
         self.gens: list[torch.Generator | None] = []
         self.top_n = 0
+        self.may_ban = False  # whether a running row has stop_token_ids and fewer than min_new_tokens tokens
 
     def run(self) -> list[Finished]:
         """Decode every row to its end."""
@@ -208,6 +209,8 @@ class FlatDecoder:
 
     def _ban_stop_tokens(self, scores: torch.Tensor) -> torch.Tensor:
         """``stop_token_ids`` are banned before ``min_new_tokens`` tokens, as EOS is (vLLM's min_tokens)."""
+        if not self.may_ban:
+            return scores
         rows, cols = [], []
         for j, b in enumerate(self.active):
             t = self.track[b]
@@ -216,6 +219,7 @@ class FlatDecoder:
                 rows += [j] * len(ids)
                 cols += ids
         if not rows:
+            self.may_ban = False  # rows only grow; a row that joins sets it again
             return scores
         index = (torch.tensor(rows, device=scores.device), torch.tensor(cols, device=scores.device))
         return scores.index_put(index, torch.tensor(float("-inf"), device=scores.device))
@@ -347,6 +351,8 @@ class FlatDecoder:
             _count_outputs(state, [t.tokens for t in tracks])  # type: ignore[union-attr]
         self.params, self.state = params, state
         self.top_n = self._top_n()
+        self.may_ban = any(r.config.stop_token_ids and r.config.min_new_tokens > g
+                           for r, g in zip(rows, generated, strict=True))
 
     # ---- helpers
 
