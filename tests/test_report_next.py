@@ -34,7 +34,8 @@ def test_what_next_gives_each_engine_its_file_and_command(tmp_path):
     attrs = attrs_for(DecodingConfig(strategy="sample", temperature=0.7, top_p=0.9, max_new_tokens=12), tmp_path,
                       model="/models/smol.gguf")
     steps = {s["target"]: s for s in deploy_steps(attrs)}
-    assert set(steps) == {"hf", "vllm", "llamacpp", "openai"} and all(s["exact"] for s in steps.values())
+    assert set(steps) == {"hf", "vllm", "llamacpp", "openai", "llamacpp_server", "ollama"}
+    assert all(s["exact"] for s in steps.values())
     flags = tmp_path / "exports" / "llamacpp_flags.txt"
     assert steps["llamacpp"]["commands"][0] == f"llama-cli -m /models/smol.gguf $(cat {flags})"
     assert steps["llamacpp"]["commands"][1].startswith("llama-server -m /models/smol.gguf $(cat ")
@@ -43,7 +44,7 @@ def test_what_next_gives_each_engine_its_file_and_command(tmp_path):
     assert f"GenerationConfig.from_pretrained('{tmp_path / 'exports'}')" in steps["hf"]["commands"][1]
     assert "openai_params.json" in steps["openai"]["commands"][1] and "**params" in steps["openai"]["commands"][2]
     page = "\n".join(_what_next_html(attrs))
-    assert page.count("exact: the same config, nothing dropped or changed") == 4
+    assert page.count("exact: the same config, nothing dropped or changed") == 6
     assert "<b>approximate</b>" not in page
     # the portability check: the winner re-scored in llama.cpp, paired against the study's engine
     assert verify_command(attrs) == (f"decodetune verify --backend llamacpp --model /models/smol.gguf "
@@ -56,13 +57,13 @@ def test_what_next_names_every_dropped_or_changed_field(tmp_path):
     attrs = attrs_for(DecodingConfig(strategy="beam", num_beams=4, max_new_tokens=12), tmp_path)
     steps = {s["target"]: s for s in deploy_steps(attrs)}
     assert steps["hf"]["exact"] and not steps["hf"]["changes"]
-    for target in ("vllm", "llamacpp", "openai"):
+    for target in ("vllm", "llamacpp", "openai", "llamacpp_server", "ollama"):
         assert not steps[target]["exact"] and "/approximate/" in steps[target]["file"]
         assert any("dropped strategy='beam'" in c for c in steps[target]["changes"]), steps[target]
     assert "/approximate/llamacpp_flags.txt)" in steps["llamacpp"]["commands"][0]
     assert steps["llamacpp"]["commands"][0].startswith("llama-cli -m MODEL.gguf $(cat ")  # not a GGUF study
     page = "\n".join(_what_next_html(attrs))
-    assert page.count("<b>approximate</b>") == 3
+    assert page.count("<b>approximate</b>") == 5
     for target in ("vllm", "llamacpp", "openai"):
         for change in steps[target]["changes"]:
             assert change.replace("'", "&#x27;") in page

@@ -16,12 +16,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from decodetune.config import DecodingConfig, candidate_config
+from decodetune.config import TORCH_ONLY_STRATEGIES, DecodingConfig, candidate_config
 from decodetune.decoding.types import Generation
 from decodetune.errors import UserError
 
 # what "off" means per field, and whether a field is in use: one definition, shared with the exporters
-from decodetune.export import BEAM_FIELDS, NEUTRAL, SAMPLING_FIELDS, active
+from decodetune.export import BEAM_FIELDS, NEUTRAL, PENALTIES, SAMPLING_FIELDS, active, stage_active
 
 __all__ = ["BEAM_FIELDS", "NEUTRAL", "SAMPLING_FIELDS", "Backend", "Capabilities", "Request", "active",
            "check_config", "order_differs", "requests_of", "sequence_seed", "unsupported"]
@@ -34,8 +34,8 @@ class Capabilities:
     ``fields``: the DecodingConfig fields it honours when set away from their neutral value
     (``max_new_tokens`` and ``strategy`` are always honoured). ``sampler_order``: the fixed order in which
     it applies the distribution samplers, or None when it follows each config's ``sampler_order``.
-    ``reproducible_seeds``: the same seed gives the same tokens. ``notes``: semantics that differ from
-    the torch engine's, per field, shown in summaries and reports.
+    ``reproducible_seeds``: the same seed gives the same tokens. ``mirostat_alone``: see the field.
+    ``notes``: semantics that differ from the torch engine's, per field, shown in summaries and reports.
     """
 
     strategies: frozenset[str]
@@ -46,6 +46,9 @@ class Capabilities:
     token_ids: bool = True
     mixed_configs: bool = True
     n_candidates: bool = True
+    #: with mirostat on, the engine runs logit_bias -> temperature -> mirostat only (llama.cpp), so the
+    #: penalties and DRY set beside it are refused
+    mirostat_alone: bool = False
     notes: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -106,8 +109,8 @@ def order_differs(cfg: DecodingConfig, fixed: Sequence[str]) -> bool:
     top_k commutes with temperature (it ranks logits, which temperature does not reorder), so only the
     order of the samplers that read tempered probabilities is compared.
     """
-    mine = [s for s in cfg.full_sampler_order if active(cfg, s) and s != "top_k"]
-    theirs = [s for s in fixed if active(cfg, s) and s != "top_k"]
+    mine = [s for s in cfg.full_sampler_order if stage_active(cfg, s) and s != "top_k"]
+    theirs = [s for s in fixed if stage_active(cfg, s) and s != "top_k"]
     return set(mine) == set(theirs) and mine != theirs
 
 
@@ -121,9 +124,10 @@ def unsupported(cfg: DecodingConfig, caps: Capabilities) -> list[tuple[str, str]
         return _unsupported_candidates(cfg, caps)
     out: list[tuple[str, str]] = []
     if cfg.strategy not in caps.strategies:
-        out.append(("strategy", f"strategy {cfg.strategy!r} is not available "
-                                f"(it has {', '.join(sorted(caps.strategies))})"))
-    for name in NEUTRAL:
+        where = ("it runs on the torch engine only" if cfg.strategy in TORCH_ONLY_STRATEGIES
+                 else f"it has {', '.join(sorted(caps.strategies))}")
+        out.append(("strategy", f"strategy {cfg.strategy!r} is not available ({where})"))
+    for name in NEUTRAL:  # every field but the structural ones: a new field is refused until a backend lists it
         if name in caps.fields or not active(cfg, name):
             continue
         if name == "num_return_sequences" and caps.n_candidates:
@@ -131,6 +135,10 @@ def unsupported(cfg: DecodingConfig, caps: Capabilities) -> list[tuple[str, str]
         out.append((name, f"{name}={getattr(cfg, name)!r} is not supported"))
     if caps.sampler_order is not None and cfg.is_sampling and order_differs(cfg, caps.sampler_order):
         out.append(("sampler_order", f"its sampler order is fixed ({' -> '.join(caps.sampler_order)})"))
+    if caps.mirostat_alone and cfg.is_sampling and active(cfg, "mirostat"):
+        out += [(name, f"{name}={getattr(cfg, name)!r} with mirostat: its mirostat chain is logit_bias -> "
+                       "temperature -> mirostat, no penalties")
+                for name in (*PENALTIES, "dry_multiplier") if active(cfg, name)]
     return out
 
 

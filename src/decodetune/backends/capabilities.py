@@ -13,15 +13,29 @@ from decodetune.errors import UserError
 
 _COMMON = frozenset({"max_new_tokens", "stop", "temperature", "top_p", "seed", "num_return_sequences",
                      "presence_penalty", "frequency_penalty"})
+#: llama.cpp's own samplers beyond the common ones (native ``llama_sampler_init_*``; ``logit_bias`` also
+#: carries ``ignore_eos``, which llama.cpp implements as a -inf bias on every end-of-generation token)
+LLAMACPP_SAMPLERS = frozenset({"top_k", "min_p", "typical_p", "repetition_penalty", "penalty_last_n",
+                               "dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n",
+                               "dry_sequence_breakers", "xtc_threshold", "xtc_probability", "top_n_sigma",
+                               "mirostat", "mirostat_tau", "mirostat_eta", "dynatemp_range", "dynatemp_exponent",
+                               "logit_bias", "ignore_eos"})
+#: vLLM's token-level controls (SamplingParams and its OpenAI server's extra parameters)
+VLLM_TOKEN_CONTROLS = frozenset({"logit_bias", "bad_words", "stop_token_ids", "ignore_eos"})
 
 #: llama.cpp through llama-cpp-python: the chain is built in each config's ``sampler_order`` (as
 #: ``--samplers`` does), after the penalties sampler.
 LLAMACPP = Capabilities(
     strategies=frozenset({"greedy", "sample"}),
-    fields=_COMMON | {"top_k", "min_p", "typical_p", "repetition_penalty", "sampler_order"},
+    fields=_COMMON | LLAMACPP_SAMPLERS | {"sampler_order", "stop_token_ids"},
     sampler_order=None,
     reproducible_seeds=True,
-    notes={"repetition_penalty": "llama.cpp penalties sampler over the whole context (prompt + output)",
+    mirostat_alone=True,
+    notes={"repetition_penalty": "llama.cpp penalties sampler over penalty_last_n tokens (prompt + output)",
+           "ignore_eos": "end-of-generation tokens are banned (llama.cpp --ignore-eos); torch and vLLM let them "
+                         "be generated and go on",
+           "dry_multiplier": "llama.cpp DRY sampler, after the penalties, over prompt and output",
+           "logit_bias": "added first, before the penalties (llama.cpp's chain)",
            "presence_penalty": "llama.cpp counts prompt tokens too (torch: output only)",
            "frequency_penalty": "llama.cpp counts prompt tokens too (torch: output only)",
            "weights": "the GGUF's own quantised weights (torch de-quantises them to fp32)"},
@@ -32,7 +46,8 @@ VLLM_ORDER = ("temperature", "min_p", "top_k", "top_p")
 
 VLLM = Capabilities(
     strategies=frozenset({"greedy", "sample"}),
-    fields=_COMMON | {"top_k", "min_p", "repetition_penalty", "min_new_tokens"},
+    # top_logprobs: SamplingParams(logprobs=N) has it, but Generation has no place for them yet
+    fields=_COMMON | VLLM_TOKEN_CONTROLS | {"top_k", "min_p", "repetition_penalty", "min_new_tokens"},
     sampler_order=VLLM_ORDER,
     reproducible_seeds=True,
     notes={"presence_penalty": "output tokens only", "frequency_penalty": "output tokens only",
@@ -42,7 +57,7 @@ VLLM = Capabilities(
 #: The union over server families; the probe of a real server narrows it.
 OPENAI_ANY = Capabilities(
     strategies=frozenset({"greedy", "sample"}),
-    fields=_COMMON | {"top_k", "min_p", "typical_p", "repetition_penalty", "min_new_tokens"},
+    fields=_COMMON | LLAMACPP_SAMPLERS | VLLM_TOKEN_CONTROLS | {"min_new_tokens"},
     sampler_order=None,
     reproducible_seeds=False,
     logprobs=False,

@@ -5,11 +5,14 @@
   llama-cpp-python's ``Jinja2ChatFormatter``, as its ``create_chat_completion`` does), unless ``raw``.
   Generation ends on any end-of-generation token of the vocabulary (``llama_vocab_is_eog``).
 * Each sequence gets its own native sampler chain, built explicitly in the order llama.cpp's
-  ``common_sampler_init`` uses for the flags that :func:`decodetune.export.to_llamacpp` writes:
-  ``penalties`` first, then the config's ``sampler_order`` (temperature, top_k, top_p, min_p, typical),
-  then ``dist(seed)``; greedy configs get ``penalties -> greedy``. The prompt is accepted into the chain
-  before sampling, as llama-cli and llama-server do, so penalties see prompt and output tokens over the
-  whole context (``--repeat-last-n -1``).
+  ``common_sampler_init`` uses for the flags that :func:`decodetune.export.to_llamacpp` writes
+  (:mod:`.llamacpp_chain`): ``logit_bias``, ``penalties``, ``dry``, then the config's ``sampler_order``
+  (temperature / temp_ext, top_k, top_p, min_p, typical, top-nσ, XTC), then ``dist(seed)``; greedy configs
+  get ``logit_bias -> penalties -> dry -> greedy``, mirostat ``logit_bias -> temperature -> mirostat``. The
+  prompt is accepted into the chain before sampling, as llama-cli and llama-server do, so penalties and DRY
+  see prompt and output tokens over ``penalty_last_n`` / ``dry_penalty_last_n`` tokens (-1: the context).
+* ``ignore_eos`` bans every end-of-generation token (llama.cpp's ``--ignore-eos``); a ``stop_token_ids``
+  token ends the row as ``stop`` (kept in the ids, left out of the text, as in the torch engine).
 * Several sequences are decoded per ``llama_decode``: ``n_seq_max`` sequence slots, each its own KV stream
   (``kv_unified = false``, so a row's numerics do not depend on its neighbours); a finished sequence frees
   its slot (``llama_memory_seq_rm``) and the next waiting row takes it (continuous batching). The n
@@ -35,15 +38,14 @@ from typing import Any
 
 import numpy as np
 
-from decodetune.backends.base import Capabilities, Request, active, sequence_seed
+from decodetune.backends.base import Capabilities, Request, sequence_seed
 from decodetune.backends.capabilities import LLAMACPP
+from decodetune.backends.llamacpp_chain import build_chain
 from decodetune.config import DecodingConfig
 from decodetune.decoding.types import Generation
 from decodetune.errors import UserError
 
 MISSING = 'the llamacpp backend needs llama-cpp-python: pip install -e ".[llamacpp]"'
-_CHAIN_NAMES = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
-                "typical_p": "typ_p"}
 
 
 def _import_llama() -> Any:
@@ -54,31 +56,6 @@ def _import_llama() -> Any:
         raise UserError(MISSING) from None
     _logger.set_verbose(False)  # llama.cpp's own log goes through this logger: errors only
     return llama_cpp
-
-
-def build_chain(llama_cpp: Any, cfg: DecodingConfig, seed: int, n_vocab: int, n_ctx: int) -> Any:
-    """A native sampler chain for ``cfg`` (caller frees it with ``llama_sampler_free``)."""
-    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-    add = llama_cpp.llama_sampler_chain_add
-    if any(active(cfg, f) for f in ("repetition_penalty", "presence_penalty", "frequency_penalty")):
-        add(chain, llama_cpp.llama_sampler_init_penalties(n_vocab, n_ctx, cfg.repetition_penalty,
-                                                          cfg.frequency_penalty, cfg.presence_penalty))
-    if not cfg.is_sampling:
-        add(chain, llama_cpp.llama_sampler_init_greedy())
-        return chain
-    for name in cfg.full_sampler_order:
-        if name == "temperature":
-            add(chain, llama_cpp.llama_sampler_init_temp(cfg.temperature))
-        elif name == "top_k" and cfg.top_k > 0:
-            add(chain, llama_cpp.llama_sampler_init_top_k(cfg.top_k))
-        elif name == "top_p" and cfg.top_p < 1.0:
-            add(chain, llama_cpp.llama_sampler_init_top_p(cfg.top_p, 1))
-        elif name == "min_p" and cfg.min_p > 0.0:
-            add(chain, llama_cpp.llama_sampler_init_min_p(cfg.min_p, 1))
-        elif name == "typical_p" and cfg.typical_p < 1.0:
-            add(chain, llama_cpp.llama_sampler_init_typical(cfg.typical_p, 1))
-    add(chain, llama_cpp.llama_sampler_init_dist(seed))
-    return chain
 
 
 @dataclass
@@ -140,6 +117,7 @@ class LlamaCppBackend:
         self._batch = lc.llama_batch_init(self._n_batch, 0, self.n_seq_max + 1)
         self.metadata = self._model.metadata()
         self._pieces: dict[int, bytes] = {}
+        self._eog: tuple[int, ...] | None = None
         self._formatter = self._chat_formatter()
         self.head = self._template_head()
         self._head_cached = False
@@ -270,6 +248,7 @@ class LlamaCppBackend:
             seed = req.seed if req.seed is not None else (req.config.seed if req.config.seed is not None
                                                           else secrets.randbelow(2**31))
             used_seeds.append(seed)
+            self._check_tokens(req.config, i)
             for j in range(req.config.num_return_sequences):
                 rows.append(_Row(i, j, ids, req.config, seed))
         width = min(self.n_seq_max, batch_size or self.n_seq_max)
@@ -289,6 +268,21 @@ class LlamaCppBackend:
                                                          "total_s": now - row.started},
                           prompt_index=row.request_index, sequence_index=row.sequence_index,
                           num_prompt_tokens=len(row.prompt), score=float(sum(row.logprobs)), seed=seed)
+
+    def eog_tokens(self) -> tuple[int, ...]:
+        """The vocabulary's end-of-generation token ids (what ``--ignore-eos`` bans), found once."""
+        if self._eog is None:
+            vocab = self._model.vocab
+            self._eog = tuple(t for t in range(self.n_vocab) if self._llama.llama_vocab_is_eog(vocab, t))
+        return self._eog
+
+    def _check_tokens(self, cfg: DecodingConfig, index: int) -> None:
+        """Token ids of ``logit_bias`` / ``stop_token_ids`` must be in the vocabulary (llama.cpp would skip them)."""
+        for name, ids in (("logit_bias", cfg.logit_bias), ("stop_token_ids", cfg.stop_token_ids)):
+            bad = [t for t in ids if t >= self.n_vocab]
+            if bad:
+                raise UserError(f"prompt #{index}: {name}: token {bad[0]} is not in the model's vocabulary "
+                                f"({self.n_vocab} tokens)")
 
     def piece(self, token: int) -> bytes:
         """The bytes of one token's text (special tokens render as nothing, as in the decoded text)."""
@@ -360,7 +354,7 @@ class _Scheduler:
             self.waiting.popleft()
             row.slot = self.free.pop()
             row.chain = build_chain(self.lc, row.config, sequence_seed(row.seed, row.sequence_index),
-                                    self.b.n_vocab, self.b.n_ctx)
+                                    self.b.n_vocab, self.b.n_ctx, self.b._model.vocab, self.b.eog_tokens())
             for tok in row.prompt:  # penalties see the prompt, as in llama-cli / llama-server
                 self.lc.llama_sampler_accept(row.chain, tok)
             row.started = time.perf_counter()
@@ -438,6 +432,8 @@ class _Scheduler:
         row.tokens.append(tok)
         if lc.llama_vocab_is_eog(b._model.vocab, tok):
             return "eos"
+        if tok in row.config.stop_token_ids:
+            return "stop"
         row.text_bytes += b.piece(tok)
         stops = row.config.stop
         if stops:

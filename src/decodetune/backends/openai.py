@@ -38,46 +38,23 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 
-from decodetune.backends.base import Capabilities, Request, active, sequence_seed
-from decodetune.backends.capabilities import OPENAI_ANY, VLLM_ORDER
+from decodetune.backends.base import Capabilities, Request, sequence_seed
+from decodetune.backends.openai_families import (  # noqa: F401 - the families' tables live there, re-exported
+    COMMON_FIELDS,
+    FAMILY_FIELDS,
+    LLAMA_CPP_PYTHON_ORDER,
+    family_capabilities,
+    request_body,
+)
 from decodetune.config import DecodingConfig
 from decodetune.decoding.types import Generation
 from decodetune.errors import UserError
-
-_EXTRA = frozenset({"top_k", "min_p", "typical_p", "repetition_penalty", "min_new_tokens"})
-COMMON_FIELDS = OPENAI_ANY.fields - _EXTRA
-#: the DecodingConfig fields each server family accepts (besides the common OpenAI ones)
-FAMILY_FIELDS: dict[str, frozenset[str]] = {
-    "vllm": frozenset({"top_k", "min_p", "repetition_penalty", "min_new_tokens"}),
-    # llama_cpp/server/types.py: top_k, min_p, repeat_penalty, min_tokens (a logits processor); no typical_p
-    "llama-cpp-python": frozenset({"top_k", "min_p", "repetition_penalty", "min_new_tokens"}),
-    "llama.cpp": frozenset({"top_k", "min_p", "typical_p", "repetition_penalty"}),
-    "ollama": frozenset(), "openai": frozenset(), "other": frozenset(),
-}
-#: llama-cpp-python's Llama._init_sampler: penalties -> top_k -> typical -> top_p -> min_p -> temp -> dist
-LLAMA_CPP_PYTHON_ORDER = ("top_k", "top_p", "min_p", "temperature")
-_ORDER = {"vllm": VLLM_ORDER, "llama-cpp-python": LLAMA_CPP_PYTHON_ORDER}
-_SEEDED = {"vllm", "llama-cpp-python", "llama.cpp", "ollama"}
-_LLAMA_FAMILIES = ("llama-cpp-python", "llama.cpp")
-#: llama-server's ``samplers`` names (it follows this list, so each config's order is honoured)
-_LLAMA_SERVER_NAMES = {"top_k": "top_k", "typical_p": "typ_p", "top_p": "top_p", "min_p": "min_p",
-                       "temperature": "temperature"}
-_NOTES = {
-    "llama-cpp-python": {
-        "repetition_penalty": "llama.cpp penalties over the server's last_n_tokens_size (64) tokens, prompt included",
-        "presence_penalty": "llama.cpp counts prompt tokens too (torch: output only)",
-        "frequency_penalty": "llama.cpp counts prompt tokens too (torch: output only)",
-        "num_tokens": "usage.completion_tokens leaves out the EOS token (torch counts it)",
-        "finish_reason": "'stop' with stop strings set cannot tell EOS from a stop string"},
-    "llama.cpp": {"repetition_penalty": "llama.cpp penalties over the last 64 tokens, prompt included"},
-    "ollama": {"top_k": "needs Ollama's native /api options, not its /v1 endpoint"},
-}
 
 
 class BatchError(UserError):
@@ -111,41 +88,6 @@ def split_base_url(url: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise UserError(f"--base-url: expected http(s)://host:port[/v1], got {url!r}")
     return root
-
-
-def family_capabilities(family: str) -> Capabilities:
-    """OPENAI_ANY narrowed to what ``family`` accepts."""
-    return replace(OPENAI_ANY, fields=COMMON_FIELDS | FAMILY_FIELDS.get(family, frozenset()),
-                   sampler_order=_ORDER.get(family), reproducible_seeds=family in _SEEDED,
-                   notes=dict(_NOTES.get(family, {})))
-
-
-def request_body(cfg: DecodingConfig, seed: int | None, family: str) -> dict[str, Any]:
-    """The sampling fields of one request for ``cfg`` on a server of ``family`` (no model, no prompt)."""
-    sampling = cfg.is_sampling
-    body: dict[str, Any] = {"max_tokens": cfg.max_new_tokens, "temperature": cfg.temperature if sampling else 0.0}
-    if sampling and cfg.top_p != 1.0:
-        body["top_p"] = cfg.top_p
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(cfg, name):
-            body[name] = getattr(cfg, name)
-    if cfg.stop:
-        body["stop"] = list(cfg.stop)
-    if sampling and seed is not None:
-        body["seed"] = seed
-    if family in _LLAMA_FAMILIES:
-        # the server defaults are not neutral (top_k 40, min_p 0.05, repeat 1.1), so send every sampler
-        body.update(top_k=cfg.top_k if sampling else 0, top_p=cfg.top_p if sampling else 1.0,
-                    min_p=cfg.min_p if sampling else 0.0, repeat_penalty=cfg.repetition_penalty)
-    if family == "llama.cpp":
-        body["typical_p"] = cfg.typical_p if sampling else 1.0
-        body["samplers"] = ["penalties"] + [_LLAMA_SERVER_NAMES[s] for s in cfg.full_sampler_order
-                                            if s in _LLAMA_SERVER_NAMES]
-    if family == "vllm":
-        body.update({n: getattr(cfg, n) for n in ("top_k", "min_p", "repetition_penalty") if active(cfg, n)})
-    if cfg.min_new_tokens and family in ("vllm", "llama-cpp-python"):
-        body["min_tokens"] = cfg.min_new_tokens
-    return body
 
 
 def finish_reason(choice: dict[str, Any], text: str, stop: Sequence[str]) -> tuple[str, str, bool]:
