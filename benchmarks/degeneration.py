@@ -1,12 +1,14 @@
 """Holtzman et al. 2020 Table 1, in shape: how decoding strategies degenerate on open-ended generation.
 
 Runs smollm2-135m on the builtin ``story`` task (continuation prompts) with greedy, beam search, pure
-sampling, temperature 0.7, top-k 40, top-k 40 with t = 0.7 and nucleus p = 0.95, then reports repetition %
+sampling, temperature 0.7, top-k 40, top-k 40 with t = 0.7 and nucleus p = 0.95, and llama.cpp's samplers
+(DRY on greedy and on nucleus, XTC with min-p, top-nσ, mirostat v2), then reports repetition %
 (Holtzman's definition), Self-BLEU-4, Zipf coefficient, distinct-2, SimCTG diversity and generation
 perplexity under the model itself. Ratios are against greedy decoding measured in the same run.
 
     python benchmarks/degeneration.py --prompts 100 --max-new-tokens 128          # the issue's size
     python benchmarks/degeneration.py --prompts 40 --max-new-tokens 96 --threads 1  # what fits 2 busy cores
+    python benchmarks/degeneration.py --quick --only "DRY 0.8, p=0.95"             # a smoke run (tag quick)
 
 Every config runs on the same prompts with the same per-row seeds; a generation cache under
 ``benchmarks/results/`` makes a rerun (or a resumed run) free. Results go to
@@ -47,6 +49,13 @@ def configs(beams: list[int]) -> dict[str, dict]:
         "top-k 40": {"strategy": "sample", "top_k": 40},
         "top-k 40, t=0.7": {"strategy": "sample", "top_k": 40, "temperature": 0.7},
         "nucleus p=0.95": {"strategy": "sample", "top_p": 0.95},
+        # llama.cpp's samplers (issue 11), at their common settings; same prompts and seeds as above
+        "greedy + DRY 0.8": {"strategy": "greedy", "dry_multiplier": 0.8},
+        "DRY 0.8, p=0.95": {"strategy": "sample", "top_p": 0.95, "dry_multiplier": 0.8},
+        "XTC 0.5/0.1, min-p 0.05": {"strategy": "sample", "min_p": 0.05, "xtc_probability": 0.5,
+                                    "xtc_threshold": 0.1},
+        "top-nσ 1.0": {"strategy": "sample", "top_n_sigma": 1.0},
+        "mirostat v2 (tau 5)": {"strategy": "sample", "mirostat": 2, "mirostat_tau": 5.0, "mirostat_eta": 0.1},
     })
     return out
 
@@ -66,7 +75,10 @@ def main() -> None:
     ap.add_argument("--split", default="test")
     ap.add_argument("--only", nargs="*", default=None, help="run only these row labels (e.g. greedy)")
     ap.add_argument("--tag", default="", help="suffix of the results file (degeneration_<tag>.json)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 3 prompts, 16 tokens, tag 'quick'")
     args = ap.parse_args()
+    if args.quick:
+        args.prompts, args.max_new_tokens, args.bootstrap, args.tag = 3, 16, 20, args.tag or "quick"
 
     import torch
 
