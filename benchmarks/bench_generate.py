@@ -9,7 +9,8 @@ read when the machine's load moves during the run. Then the memory-bandwidth bou
 decoding: measured read bandwidth (best time of a sum over a 512 MiB tensor) divided by the bytes of weights
 one token reads (every parameter once); the speed of a bare forward loop (model + KV cache + argmax) timed
 alongside, to separate the model's own speed from the loop's overhead; and finished rows dropped from the
-batch vs kept and masked (16 greedy rows of different lengths).
+batch vs kept and masked (16 greedy rows of different lengths); then ``bench_engine_batching.py``'s
+config-batched trial and continuous-batching figures.
 
     python benchmarks/bench_generate.py [--new-tokens 32] [--repeats 3] [--threads N]
 """
@@ -69,6 +70,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     ap.add_argument("--skip-drop", action="store_true", help="skip the dropped-vs-masked rows measurement")
+    ap.add_argument("--skip-batching", action="store_true",
+                    help="skip bench_engine_batching.py (config-batched trial, continuous batching)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -123,6 +126,10 @@ def main() -> None:
           f"loop runs at {100 * batch1_decode_rate / ceiling:.0f}% of the model's own forward speed")
     print(f"# finished rows, greedy batch 16 with max_new_tokens 2..{n}: dropped from the batch {drop:.2f} s, "
           f"kept and masked {mask:.2f} s (drop/mask = {drop / mask:.2f})")
+    if not args.skip_batching:
+        from bench_engine_batching import report
+
+        report(lm, args.repeats, new_tokens=n)
     print(f"# load: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
 
 
