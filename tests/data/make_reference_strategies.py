@@ -71,7 +71,17 @@ SMOL_CASES = [
 
 
 def run_case(model, tok, prompts: list[str], case: dict, eos: list[int]) -> dict:
-    """transformers' generate on the left-padded batch; the generated ids of every returned row."""
+    """transformers' generate; the generated ids of every returned row.
+
+    Group beam search runs on the left-padded batch. Contrastive search runs one prompt at a time: on a
+    padded batch, transformers v4 takes the cosine with the padding positions' hidden states, which are
+    zero vectors (0/0 = NaN), so every candidate of a padded row scores NaN and the row silently decodes
+    greedily; masking them (as decodetune does) is the method's definition, and unpadded runs agree.
+    """
+    if case["strategy"] == "contrastive" and len(prompts) > 1:
+        parts = [run_case(model, tok, [p], case, eos) for p in prompts]
+        return {**parts[0], "prompts": prompts, "prompt_ids": [i for r in parts for i in r["prompt_ids"]],
+                "sequences": [row for r in parts for row in r["sequences"]], "one_at_a_time": True}
     enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left", return_token_type_ids=False)
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
     with torch.no_grad():

@@ -12,8 +12,11 @@ The candidate forward pass already holds the chosen token's logits and cache, so
 forward over ``rows * top_k`` single tokens. The cosine is computed with transformers' own shapes and
 operations (``_ranking_fast``) so that near-ties break the same way.
 
-Beyond transformers: ``penalty_alpha``, the processors, stop strings and ``max_new_tokens`` may differ per
-row of a batch (``top_k`` may not: the engine batches rows by ``top_k``); a finished row leaves the batch.
+Unlike transformers v4, a left-padded row is decoded as it would be alone: there the padding positions'
+zero hidden states give NaN cosines and the whole padded row silently decodes greedily (see
+tests/data/make_reference_strategies.py). Beyond transformers: ``penalty_alpha``, the processors, stop
+strings and ``max_new_tokens`` may differ per row of a batch (``top_k`` may not: the engine batches rows
+by ``top_k``); a finished row leaves the batch.
 """
 
 from __future__ import annotations
@@ -85,8 +88,11 @@ def degeneration_choice(context: torch.Tensor, context_mask: torch.Tensor, candi
     norm_ctx = norm_ctx.repeat_interleave(k, dim=0)  # (rows * k, S, H), as transformers repeats the context
     norm_next = candidates / candidates.norm(dim=2, keepdim=True)
     cosine = torch.matmul(norm_ctx, norm_next.transpose(1, 2)).squeeze(-1)  # (rows * k, S)
-    masked = (1 - context_mask.repeat_interleave(k, dim=0).to(cosine.dtype)) * torch.finfo(cosine.dtype).min
-    penalty = (cosine + masked).max(dim=-1).values.view(rows, k)
+    # transformers adds finfo.min at padding; a padding position's hidden state is a zero vector there, whose
+    # 0/0 cosine is NaN and would make every candidate NaN (the row would fall back to greedy), so the
+    # padding is overwritten instead; at real positions both leave the cosine as it is
+    pad = context_mask.repeat_interleave(k, dim=0) == 0
+    penalty = cosine.masked_fill(pad, torch.finfo(cosine.dtype).min).max(dim=-1).values.view(rows, k)
     score = one_minus_alpha * probs - alpha * penalty.to(probs.dtype)
     return score.max(dim=-1).indices
 
