@@ -253,7 +253,8 @@ def evaluate_many(model: Any, task: str | Path | Task, configs: Sequence[ConfigL
             items=[items[rec["item_index"]] for rec in recs], texts=[rec["prediction"] for rec in recs],
             token_ids=[rec["token_ids"] for rec in recs], prompts=[rec["prompt"] for rec in recs],
             prompt_token_ids=[prompt_ids[rec["item_index"]] for rec in recs],
-            gen_seconds=[rec["gen_s"] for rec in recs], scorer_loader=scorer_loader, model_name=metric_model)
+            gen_seconds=[rec["gen_s"] for rec in recs], scorer_loader=scorer_loader, model_name=metric_model,
+            num_tokens=[rec["num_tokens"] for rec in recs])
         table, scores = MetricTable(), {}
         for name, metric in zip(names, metric_objs, strict=True):
             sc = metric(inp)

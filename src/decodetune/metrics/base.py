@@ -32,6 +32,7 @@ class MetricInput:
     repetition, Zipf, length, perplexity); ``prompt_token_ids`` the prompts' ids; ``gen_seconds`` each
     row's generation time; ``scorer`` a :class:`~decodetune.models.handle.LoadedModel` for perplexity and
     ``model_name`` the generating model's name (to know whether token ids can be reused).
+    ``num_tokens`` is what each row cost in generated tokens: every candidate of a candidate strategy.
     """
 
     predictions: list[str]
@@ -45,6 +46,7 @@ class MetricInput:
     scorer: Any = None
     scorer_loader: Callable[[], Any] | None = None
     model_name: str | None = None
+    num_tokens: list[int] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.predictions)
@@ -52,7 +54,7 @@ class MetricInput:
             self.references = [[] for _ in range(n)]
         if self.texts is None:
             self.texts = list(self.predictions)
-        for name in ("references", "texts", "token_ids", "prompt_token_ids", "gen_seconds"):
+        for name in ("references", "texts", "token_ids", "prompt_token_ids", "gen_seconds", "num_tokens"):
             v = getattr(self, name)
             if v is not None and len(v) != n:
                 raise ValueError(f"MetricInput.{name} has {len(v)} entries for {n} predictions")

@@ -1,4 +1,5 @@
-"""Metrics that need the model or the generation's own statistics: gen_ppl, length, tokens_per_s.
+"""Metrics that need the model or the generation's own statistics: gen_ppl, length, tokens,
+tokens_per_s.
 
 ``gen_ppl`` is the perplexity of each generation given its prompt under a scorer model (by default the
 generating model, whose token ids are then reused as generated; another scorer re-tokenises the prompt
@@ -102,6 +103,14 @@ def length(inp: MetricInput) -> MetricScores:
     return MetricScores(per_row=_lengths(inp))
 
 
+def tokens(inp: MetricInput) -> MetricScores:
+    """Generated tokens per row with every candidate counted (``tune --objective tokens:min``: the cost
+    axis of a quality-vs-cost Pareto front); without counts, the returned sequence's length."""
+    if inp.num_tokens is None:
+        return length(inp)
+    return MetricScores(per_row=np.array(inp.num_tokens, dtype=float))
+
+
 def tokens_per_s(inp: MetricInput) -> MetricScores:
     """Generated tokens per second of generation time (aggregate = total tokens / total seconds)."""
     if inp.gen_seconds is None:
@@ -120,5 +129,6 @@ def tokens_per_s(inp: MetricInput) -> MetricScores:
 register(Metric("gen_ppl", gen_ppl, "none", corpus=True,
                 description="perplexity of the generations under a scorer model (default: the model)"))
 register(Metric("length", length, "none", description="generated tokens per item"))
+register(Metric("tokens", tokens, "min", description="generated tokens per item, every candidate counted"))
 register(Metric("tokens_per_s", tokens_per_s, "max", corpus=True,
                 description="generated tokens per second of generation time"))
