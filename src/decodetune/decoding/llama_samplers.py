@@ -24,7 +24,6 @@ here both are -inf. The two agree whenever no earlier stage set a logit to -inf 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -158,7 +157,3 @@ def update_mirostat(state: TokenState, rows: Sequence[int], probs: torch.Tensor,
     new = mu - params.tensor("mirostat_eta") * (surprise - params.tensor("mirostat_tau"))
     mu_all[idx] = torch.where(on, new, mu)
 
-
-def entropy_bits(probs: torch.Tensor) -> torch.Tensor:
-    """Entropy in bits per row (used by tests and benchmarks to read mirostat's target)."""
-    return -(torch.where(probs > 0, probs * probs.log(), 0.0)).sum(dim=1) / math.log(2)

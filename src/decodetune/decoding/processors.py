@@ -368,6 +368,11 @@ def _row_value(config: DecodingConfig, sampling: bool, name: str, neutral: Any) 
 
 
 
+#: The fixed order of the processors that run before the distribution samplers (DRY and bad words share the
+#: ``name`` / ``active`` / ``__call__`` interface without importing this module).
+PROCESSORS: tuple[Any, ...] = (LogitBias(), RepetitionPenalty(), PresenceFrequencyPenalty(), dry.DRY(),
+                               NoRepeatNGram(), token_rules.BadWords(), MinNewTokens())
+
 
 def apply_processors(logits: torch.Tensor, state: TokenState) -> torch.Tensor:
     """Run every active processor, in order. Never modifies ``logits`` in place."""
@@ -375,12 +380,6 @@ def apply_processors(logits: torch.Tensor, state: TokenState) -> torch.Tensor:
         if proc.active(state):
             logits = proc(logits, state)
     return logits
-
-
-#: The fixed order of the processors that run before the distribution samplers (DRY and bad words share the
-#: ``name`` / ``active`` / ``__call__`` interface without importing this module).
-PROCESSORS: tuple[Any, ...] = (LogitBias(), RepetitionPenalty(), PresenceFrequencyPenalty(), dry.DRY(),
-                               NoRepeatNGram(), token_rules.BadWords(), MinNewTokens())
 
 
 def _groups(values: Sequence[int]) -> list[tuple[int, list[int]]]:
