@@ -92,8 +92,6 @@ CASES: list[tuple[list[str], str]] = [
     (["generate", "--prompt", "hi", "--mirostat", "3"], "mirostat: must be 0 (off), 1 or 2"),
     (["generate", "--prompt", "hi", "--dry-multiplier", "-1"], "dry_multiplier: must be >= 0"),
     (["generate", "--prompt", "hi", "--xtc-probability", "2"], "xtc_probability: must be in [0, 1]"),
-    (["eval", "--task", "arith", "--backend", "llamacpp", "--strategy", "contrastive", "--top-k", "4"],
-     "strategy: backend 'llamacpp' cannot run this config (strategy 'contrastive' is not available (it runs on"),
     (["generate", "--prompt", "hi", "--dtype", "fp16"], "--dtype: must be one of fp32, bf16, int8, got 'fp16'"),
     (["eval", "--task", "arith", "--backend", "llamacpp", "--dtype", "bf16"], "--dtype: the llamacpp backend"),
     (["tune", "--task", "arith", "--out", "{tmp}/o", "--backend", "vllm", "--dtype", "int8"],

@@ -68,7 +68,8 @@ def _default(param: Any) -> str:
     if value is None or value == [] or value == ():
         return ""
     if isinstance(value, list | tuple):
-        return ", ".join(f"`{v}`" for v in value)
+        # escaped: a control character (DRY's "\n" breaker) would end the table row
+        return ", ".join(f"`{str(v).encode('unicode_escape').decode()}`" for v in value)
     return f"`{value}`"
 
 
