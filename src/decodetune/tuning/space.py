@@ -45,10 +45,21 @@ SAMPLING_ONLY = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon
 CANDIDATE_ONLY = {"num_candidates": CANDIDATE_STRATEGIES, "mbr_utility": ("mbr",), "rerank": ("best_of_n",)}
 #: Strategies that read the sampling knobs (the candidate strategies draw their candidates with them).
 _SAMPLED = ("sample", "beam_sample", *CANDIDATE_STRATEGIES)
+#: Strategies with beams (they read BEAM_ONLY).
+_BEAMED = ("beam", "beam_sample", "diverse_beam")
+#: Knobs of contrastive search and diverse beam search, and the strategy that reads each.
+STRATEGY_KNOBS = {"penalty_alpha": ("contrastive",), "num_beam_groups": ("diverse_beam",),
+                  "diversity_penalty": ("diverse_beam",)}
+#: What a searched contrastive / diverse_beam strategy gets when the space leaves its knobs out (Su et
+#: al.'s alpha 0.6, k 4; two groups of two beams with transformers' documented penalty scale).
+STRATEGY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "contrastive": {"penalty_alpha": 0.6, "top_k": 4},
+    "diverse_beam": {"num_beams": 4, "num_beam_groups": 2, "diversity_penalty": 0.5},
+}
 _SPEC_KEYS = {"low", "high", "log", "step", "type", "choices", "value", "when"}
 #: Strategy under which a field's values are checked when the file does not constrain it.
 _CHECK_STRATEGY = {**{n: "beam_sample" for n in BEAM_ONLY}, **{n: "sample" for n in SAMPLING_ONLY},
-                   **{n: wanted[0] for n, wanted in CANDIDATE_ONLY.items()}}
+                   **{n: wanted[0] for n, wanted in {**CANDIDATE_ONLY, **STRATEGY_KNOBS}.items()}}
 #: ``num_candidates`` of a searched candidate strategy when the space does not set it.
 DEFAULT_NUM_CANDIDATES = 5
 
@@ -184,11 +195,12 @@ class SearchSpace:
         changes = dict(values)
         # A searched strategy without beams leaves num_beams at 1 even if the base had beams.
         strategy = changes.get("strategy")
-        if strategy in ("greedy", "sample", *CANDIDATE_STRATEGIES) and "num_beams" not in changes:
+        if strategy in ("greedy", "sample", "contrastive", *CANDIDATE_STRATEGIES) and "num_beams" not in changes:
             changes["num_beams"] = 1
         if strategy in ("beam", "beam_sample") and "num_beams" not in changes \
                 and base.num_beams < 2:
             changes["num_beams"] = 4
+        _strategy_knobs(strategy, changes, base)
         # likewise for candidates: only the candidate strategies take num_candidates > 1
         if strategy is not None and "num_candidates" not in changes:
             if strategy not in CANDIDATE_STRATEGIES:
@@ -309,6 +321,35 @@ def _default_spec(grid: bool) -> dict[str, Any]:
     }
 
 
+def _strategy_knobs(strategy: Any, changes: dict[str, Any], base: DecodingConfig) -> None:
+    """Fill in a contrastive / diverse_beam point's own knobs the space leaves out (where ``base`` has
+    none), and put diverse beam's back to neutral for the other strategies, so every point is valid."""
+    if strategy is None:
+        return
+    for name, value in STRATEGY_DEFAULTS.get(strategy, {}).items():
+        if name not in changes and getattr(base, name) == getattr(_NEUTRAL, name):
+            changes[name] = value
+    if strategy != "diverse_beam":
+        changes.setdefault("num_beam_groups", 1)
+        changes.setdefault("diversity_penalty", 0.0)
+    if strategy != "contrastive":
+        changes.setdefault("penalty_alpha", 0.0)
+
+
+_NEUTRAL = DecodingConfig()
+
+
+def _readers(name: str) -> tuple[str, ...]:
+    """The strategies that read a strategy-specific knob."""
+    if name in BEAM_ONLY:
+        return _BEAMED
+    if name == "top_k":  # contrastive search's candidate set
+        return (*_SAMPLED, "contrastive")
+    if name in SAMPLING_ONLY:
+        return _SAMPLED
+    return {**CANDIDATE_ONLY, **STRATEGY_KNOBS}[name]
+
+
 def restrict_spec(spec: dict[str, Any], capabilities: Any) -> dict[str, Any]:
     """The default spec without what a backend cannot do (beam knobs go when beams go; a candidate
     strategy stays where the backend returns n samples)."""
@@ -317,16 +358,14 @@ def restrict_spec(spec: dict[str, Any], capabilities: Any) -> dict[str, Any]:
     strategies = [s for s in spec["strategy"] if s in capabilities.strategies or (
         s in CANDIDATE_STRATEGIES and capabilities.n_candidates and "sample" in capabilities.strategies)]
     out: dict[str, Any] = {"strategy": strategies if len(strategies) > 1 else strategies[0]}
-    has_beam = any(s in ("beam", "beam_sample") for s in strategies)
-    has_sampling = any(s in _SAMPLED for s in strategies)
     for name, value in spec.items():
-        if name in CANDIDATE_ONLY:  # not backend fields: kept while a strategy that reads them is
-            if any(s in CANDIDATE_ONLY[name] for s in strategies):
+        if name in CANDIDATE_ONLY or name in STRATEGY_KNOBS:  # kept while a strategy that reads them is
+            if any(s in _readers(name) for s in strategies):
                 out[name] = value
             continue
         if name == "strategy" or (name not in capabilities.fields and name != "num_beams"):
             continue
-        if (name in BEAM_ONLY and not has_beam) or (name in SAMPLING_ONLY and not has_sampling):
+        if (name in BEAM_ONLY or name in SAMPLING_ONLY) and not any(s in _readers(name) for s in strategies):
             continue
         out[name] = value
     return out
@@ -476,10 +515,9 @@ def _add_implicit_conditions(params: list[Param]) -> list[Param]:
     strategies = _strategies(params)
     out = []
     for p in params:
-        if not p.when and p.name in (*BEAM_ONLY, *SAMPLING_ONLY, *CANDIDATE_ONLY) and any(
+        if not p.when and p.name in (*BEAM_ONLY, *SAMPLING_ONLY, *CANDIDATE_ONLY, *STRATEGY_KNOBS) and any(
                 q.name == "strategy" and q.kind == "categorical" for q in params):
-            wanted = (("beam", "beam_sample") if p.name in BEAM_ONLY else _SAMPLED if p.name in SAMPLING_ONLY
-                      else CANDIDATE_ONLY[p.name])
+            wanted = _readers(p.name)
             allowed = tuple(s for s in strategies if s in wanted)
             if not allowed:
                 raise UserError(f"{p.where}: {p.name}: is only used by strategies {' / '.join(wanted)}, "
@@ -507,6 +545,8 @@ def _check_values(params: list[Param]) -> None:
             fields = {p.name: v} if p.name == "strategy" else {"strategy": strategy, p.name: v}
             if fields.get("strategy") in ("beam", "beam_sample") and p.name != "num_beams":
                 fields["num_beams"] = 4
+            own = STRATEGY_DEFAULTS.get(fields.get("strategy"), {})  # type: ignore[arg-type]
+            fields = {**{n: d for n, d in own.items() if n != p.name}, **fields}
             if fields.get("strategy") in CANDIDATE_STRATEGIES and p.name != "num_candidates":
                 fields["num_candidates"] = DEFAULT_NUM_CANDIDATES
             try:
