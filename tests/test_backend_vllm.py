@@ -84,6 +84,7 @@ def test_finish_reason_mapping():
     assert finish_reason("length", None) == "length"
     assert finish_reason("stop", None) == "eos"  # the EOS token
     assert finish_reason("stop", 2) == "eos"  # a stop token id (an end-of-turn token)
+    assert finish_reason("stop", 2, stop_token_ids=[2]) == "stop"  # the config's stop_token_ids: as in torch
     assert finish_reason("stop", "\n") == "stop"  # a stop string
     for odd in ("abort", None):
         with pytest.raises(UserError, match="finish_reason"):

@@ -290,3 +290,13 @@ def test_cli_flags_for_container_and_bool_fields():
     assert (c.mirostat, c.top_logprobs, c.dry_multiplier) == (2, 4, 0.8)
     off = CliRunner().invoke(app, ["--no-ignore-eos"])
     assert off.exit_code == 0 and DecodingConfig.from_json(off.output[off.output.index("{"):]).ignore_eos is False
+
+
+def test_vllm_backend_sampling_params_carry_the_token_controls():
+    from decodetune.backends.vllm import sampling_kwargs
+
+    kw, copies = sampling_kwargs(cfg(logit_bias={5: -100.0}, bad_words=["foo"], stop_token_ids=[2], ignore_eos=True),
+                                 seed=5)
+    assert (kw["logit_bias"], kw["bad_words"], kw["stop_token_ids"], kw["ignore_eos"]) == ({5: -100.0}, ["foo"],
+                                                                                          [2], True)
+    assert kw["seed"] == 5 and copies == 1

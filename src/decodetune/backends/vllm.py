@@ -79,12 +79,18 @@ def sampling_kwargs(cfg: DecodingConfig, seed: int, logprobs: bool = False) -> t
     return kw, copies
 
 
-def finish_reason(vllm_reason: str | None, stop_reason: int | str | None) -> str:
-    """decodetune's finish reason (eos | stop | length) for a vLLM ``CompletionOutput``."""
+def finish_reason(vllm_reason: str | None, stop_reason: int | str | None, stop_token_ids: Sequence[int] = ()) -> str:
+    """decodetune's finish reason (eos | stop | length) for a vLLM ``CompletionOutput``.
+
+    An int ``stop_reason`` is a stop token: one of the config's ``stop_token_ids`` is ``stop`` (as in the torch
+    engine), any other (an EOS id of the model's generation config) ``eos``.
+    """
     if vllm_reason == "length":
         return "length"
     if vllm_reason == "stop":
-        return "stop" if isinstance(stop_reason, str) else "eos"
+        if isinstance(stop_reason, str) or (isinstance(stop_reason, int) and stop_reason in stop_token_ids):
+            return "stop"
+        return "eos"
     raise UserError(f"vLLM ended a request with finish_reason {vllm_reason!r} (aborted or unfinished)")
 
 
@@ -108,7 +114,8 @@ def _first(obj: Any, *names: str) -> float | None:
 
 
 def to_generation(out: Any, *, index: int, sequence: int, seed: int | None, num_prompt_tokens: int,
-                  timings: dict[str, float], logprobs: bool, timing_source: str = "vllm") -> Generation:
+                  timings: dict[str, float], logprobs: bool, timing_source: str = "vllm",
+                  stop_token_ids: Sequence[int] = ()) -> Generation:
     """A :class:`Generation` from one vLLM ``CompletionOutput``."""
     ids = [int(t) for t in out.token_ids]
     lps: list[float] | None = None
@@ -117,7 +124,8 @@ def to_generation(out: Any, *, index: int, sequence: int, seed: int | None, num_
         lps = [float(pos[tok].logprob) for tok, pos in zip(ids, out.logprobs, strict=False)]
     score = float(sum(lps)) if lps is not None else float(out.cumulative_logprob or 0.0)
     return Generation(text=out.text, token_ids=ids, logprobs=lps,
-                      finish_reason=finish_reason(out.finish_reason, out.stop_reason), timings=dict(timings),
+                      finish_reason=finish_reason(out.finish_reason, out.stop_reason, stop_token_ids),
+                      timings=dict(timings),
                       prompt_index=index, sequence_index=sequence, num_prompt_tokens=num_prompt_tokens,
                       score=score, seed=seed, extra={"timings_from": timing_source})
 
@@ -271,7 +279,8 @@ class VLLMBackend:
                 done = done[:1] * copies[i]
             for j, out in enumerate(done):
                 result.append(to_generation(out, index=i, sequence=j, seed=seeds[i], num_prompt_tokens=n_prompt,
-                                            timings=timings, logprobs=logprobs, timing_source=source))
+                                            timings=timings, logprobs=logprobs, timing_source=source,
+                                            stop_token_ids=requests[i].config.stop_token_ids))
         return result
 
     def close(self) -> None:
