@@ -81,3 +81,28 @@ def test_tokens_objective_counts_every_candidate(lm, tmp_path):
     # both are on the front unless one is better in quality *and* cheaper
     front = {t.number for t in res.study.best_trials}
     assert front, "a two-objective study has a Pareto front"
+
+
+def test_tune_searches_the_tasks_default_space(lm, tmp_path):
+    """Without --space, tune searches default_space_for(task): arith gets self-consistency."""
+    from decodetune.tuning import tune
+
+    res = tune(lm, "arith", search="random", n_trials=1, out_dir=tmp_path, limit=2, seed=0, final_test=False)
+    params = {p["name"]: p for p in res.study.user_attrs["space"]["params"]}
+    assert "self_consistency" in params["strategy"]["choices"]
+    assert params["num_candidates"]["when"] == {"strategy": ["self_consistency"]}
+
+
+def test_open_tasks_get_dry_and_xtc_only_where_honoured():
+    from decodetune.backends.capabilities import LLAMACPP, VLLM
+    from decodetune.tasks import load_task
+    from decodetune.tuning.space_caps import default_space_for
+
+    story = load_task("story")
+    llama = default_space_for(story, capabilities=LLAMACPP)
+    assert llama["dry_multiplier"].choices == (0.0, 0.8)
+    assert llama["xtc_threshold"].when == {"xtc_probability": (0.5,)}
+    assert set(llama["dry_multiplier"].when["strategy"]) <= {"sample", "beam_sample", "self_consistency", "mbr",
+                                                             "best_of_n"}
+    assert "dry_multiplier" not in default_space_for(story, capabilities=VLLM)  # vLLM has no DRY
+    assert "dry_multiplier" not in default_space_for(load_task("arith"), capabilities=LLAMACPP)  # closed task

@@ -28,7 +28,7 @@ from decodetune.tuning.runner import (
     make_splits,
     trial_values,
 )
-from decodetune.tuning.space import SearchSpace, check_space_against, default_space, load_space
+from decodetune.tuning.space import SearchSpace, check_space_against, default_space_for, load_space
 from decodetune.tuning.study import (
     default_study_name,
     make_pruner,
@@ -134,7 +134,7 @@ def tune(model: Any, task: Any, *, search: str = "tpe", n_trials: int = 20,
     # a user space is checked against what the backend kind can do before anything loads, and
     # again against what the opened backend (a probed server) really does
     space_obj = _resolve_space(space, search, _capabilities_of(backend, options),
-                               options.name if options else backend.name)
+                               options.name if options else backend.name, task)
     check_space_against(space_obj, dict(getattr(task, "defaults", {}) or {}))
     if search == "grid":
         grid_points = space_obj.grid(seed=seed)
@@ -147,7 +147,7 @@ def tune(model: Any, task: Any, *, search: str = "tpe", n_trials: int = 20,
 
     loaded = backend if options is None else open_backend(model, options)
     space_obj = _resolve_space(space_obj if space is not None else None, search, loaded.capabilities(),
-                               loaded.name)
+                               loaded.name, task)
     if search == "grid":
         grid_points = space_obj.grid(seed=seed)
     dtype = getattr(getattr(loaded, "lm", None), "dtype", None) or getattr(loaded, "dtype", None)
@@ -362,12 +362,13 @@ def _load_task(task: Any) -> Any:
     return load_task(task)
 
 
-def _resolve_space(space: Any, search: str, caps: Any, backend_name: str) -> SearchSpace:
-    """The user's space checked against the backend, or the default space cut down to it."""
+def _resolve_space(space: Any, search: str, caps: Any, backend_name: str, task: Any = None) -> SearchSpace:
+    """The user's space checked against the backend, or the task's default space cut down to it
+    (:func:`~decodetune.tuning.space_caps.default_space_for`: candidate strategies where the task fits)."""
     from decodetune.tuning.space_caps import check_space_capabilities
 
     if space is None:
-        return default_space(grid=search == "grid", capabilities=caps)
+        return default_space_for(task, grid=search == "grid", capabilities=caps)
     if isinstance(space, SearchSpace):
         space_obj = space
     elif isinstance(space, dict):

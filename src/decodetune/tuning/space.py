@@ -264,61 +264,25 @@ def _on_step(v: float, p: Param) -> bool:
 
 # ==================================================================== defaults
 def default_space(grid: bool = False, capabilities: Any = None) -> SearchSpace:
-    """The built-in conditional space (a small finite version when ``grid`` is true).
+    """The built-in conditional space cut down to ``capabilities`` (:mod:`decodetune.tuning.space_caps`)."""
+    from decodetune.tuning import space_caps
 
-    ``capabilities`` (a backend's): strategies and fields it cannot honour are left out.
-    """
-    spec = _default_spec(grid)
-    return parse_space(restrict_spec(spec, capabilities), source="default grid space" if grid else "default space")
-
-
-#: Primary metrics (canonical names) for which self-consistency / MBR enter the task's default space.
-_VOTED_METRICS = {"exactmatch", "numericmatch"}
-_MBR_METRICS = {"chrf": "chrf", "bleu": "bleu", "rougel": "rouge_l", "rouge1": "rouge_l", "rouge2": "rouge_l"}
+    return space_caps.default_space(grid, capabilities)
 
 
 def default_space_for(task: Any, grid: bool = False, capabilities: Any = None) -> SearchSpace:
-    """:func:`default_space` plus the candidate strategy that fits ``task``'s primary metric.
+    """:func:`default_space` plus what fits ``task`` (:func:`decodetune.tuning.space_caps.default_space_for`)."""
+    from decodetune.tuning import space_caps
 
-    Exact / numeric match (closed answers): ``self_consistency``; chrF, BLEU or ROUGE (references):
-    ``mbr`` with the primary metric as its utility. Either comes with ``num_candidates`` (3-10; 4 or 8
-    on a grid), and costs that many samples per row. Other tasks get the plain default space.
-    """
-    from decodetune.metrics.base import canonical_name
-
-    spec = _default_spec(grid)
-    primary = canonical_name(str(getattr(task, "primary", "") or ""))
-    if primary in _VOTED_METRICS or primary in _MBR_METRICS:
-        strategy = "self_consistency" if primary in _VOTED_METRICS else "mbr"
-        spec["strategy"] = [*spec["strategy"], strategy]
-        spec["num_candidates"] = [4, 8] if grid else {"low": 3, "high": 10}
-        if strategy == "mbr" and _MBR_METRICS[primary] != "chrf":
-            spec["mbr_utility"] = _MBR_METRICS[primary]
-    source = ("default grid space" if grid else "default space") + f" for {getattr(task, 'name', 'the task')}"
-    return parse_space(restrict_spec(spec, capabilities), source=source)
+    return space_caps.default_space_for(task, grid, capabilities)
 
 
-def _default_spec(grid: bool) -> dict[str, Any]:
-    if grid:
-        return {
-            "strategy": ["greedy", "beam", "sample"],
-            "num_beams": [2, 4],
-            "length_penalty": [0.6, 1.0],
-            "temperature": [0.3, 0.7, 1.0],
-            "top_p": [0.9, 1.0],
-            "repetition_penalty": [1.0, 1.2],
-        }
-    return {
-        "strategy": ["greedy", "beam", "sample"],
-        "num_beams": {"low": 2, "high": 8},
-        "length_penalty": {"low": 0.0, "high": 2.0},
-        "temperature": {"low": 0.05, "high": 2.0, "log": True},
-        "top_p": {"low": 0.5, "high": 1.0},
-        "top_k": {"low": 0, "high": 100},
-        "min_p": {"low": 0.0, "high": 0.3},
-        "repetition_penalty": {"low": 1.0, "high": 1.5},
-        "no_repeat_ngram_size": {"low": 0, "high": 4},
-    }
+def restrict_spec(spec: dict[str, Any], capabilities: Any) -> dict[str, Any]:
+    """A space mapping without what a backend cannot do (:func:`decodetune.tuning.space_caps.restrict_spec`)."""
+    from decodetune.tuning import space_caps
+
+    return space_caps.restrict_spec(spec, capabilities)
+
 
 
 def _strategy_knobs(strategy: Any, changes: dict[str, Any], base: DecodingConfig) -> None:
@@ -348,27 +312,6 @@ def _readers(name: str) -> tuple[str, ...]:
     if name in SAMPLING_ONLY:
         return _SAMPLED
     return {**CANDIDATE_ONLY, **STRATEGY_KNOBS}[name]
-
-
-def restrict_spec(spec: dict[str, Any], capabilities: Any) -> dict[str, Any]:
-    """The default spec without what a backend cannot do (beam knobs go when beams go; a candidate
-    strategy stays where the backend returns n samples)."""
-    if capabilities is None:
-        return spec
-    strategies = [s for s in spec["strategy"] if s in capabilities.strategies or (
-        s in CANDIDATE_STRATEGIES and capabilities.n_candidates and "sample" in capabilities.strategies)]
-    out: dict[str, Any] = {"strategy": strategies if len(strategies) > 1 else strategies[0]}
-    for name, value in spec.items():
-        if name in CANDIDATE_ONLY or name in STRATEGY_KNOBS:  # kept while a strategy that reads them is
-            if any(s in _readers(name) for s in strategies):
-                out[name] = value
-            continue
-        if name == "strategy" or (name not in capabilities.fields and name != "num_beams"):
-            continue
-        if (name in BEAM_ONLY or name in SAMPLING_ONLY) and not any(s in _readers(name) for s in strategies):
-            continue
-        out[name] = value
-    return out
 
 
 # ==================================================================== parsing
@@ -558,74 +501,9 @@ def _check_values(params: list[Param]) -> None:
 
 
 # ==================================================================== against a task's defaults
-#: Beyond this many corner points, each parameter is checked on its own instead of every combination.
-_MAX_CORNERS = 4096
-
-
-def _corner_values(p: Param) -> list[Any]:
-    """The values that bound what a parameter can take: range ends, every choice, the fixed value."""
-    if p.kind in ("int", "float"):
-        return [p.low, p.high] if p.low != p.high else [p.low]
-    return list(p.choices) if p.kind == "categorical" else [p.value]
-
-
-def _corner_points(space: SearchSpace, only: str | None = None) -> list[dict[str, Any]] | None:
-    """Every combination of corner values (conditions respected); None when there are too many.
-
-    With ``only``, every other searched parameter stays at its first corner value, so the points vary
-    ``only`` (and the strategy, which decides what is active).
-    """
-    points: list[dict[str, Any]] = [{}]
-    for p in space.params:
-        values = _corner_values(p)
-        if only is not None and p.name not in (only, "strategy"):
-            values = values[:1]
-        grown = []
-        for point in points:
-            if not space._active(p, point):
-                grown.append(point)
-            else:
-                grown.extend({**point, p.name: v} for v in values)
-        points = grown
-        if len(points) > _MAX_CORNERS:
-            return None
-    return points
-
-
-def _effective(space: SearchSpace, values: dict[str, Any], base_fields: dict[str, Any]) -> None:
-    """Build the config a trial with ``values`` runs (the tuner's rule: task defaults fill the fields the
-    point leaves at DecodingConfig's default); raises ConfigError / UserError if it is invalid."""
-    given = space.config(values, DecodingConfig()).to_dict(only_set=True)
-    DecodingConfig.from_dict({**base_fields, **given}, source="space")
-
-
 def check_space_against(space: SearchSpace, base_fields: dict[str, Any]) -> None:
-    """Refuse, before the first trial, a space with a point that is invalid on top of ``base_fields``.
+    """Refuse a space with a point that is invalid on top of a task's defaults
+    (:func:`decodetune.tuning.space_caps.check_space_against`)."""
+    from decodetune.tuning import space_caps
 
-    ``base_fields``: the DecodingConfig fields the trials start from (a task's defaults, such as arith's
-    ``max_new_tokens: 12``), merged as the tuner merges them. A space is checked on its own against
-    ``DecodingConfig()`` when it is parsed; this finds what only the task's values make wrong, e.g.
-    ``min_new_tokens: {low: 0, high: 20}`` with ``max_new_tokens: 12``. The corners of the space are
-    checked (range ends, every choice, fixed values): all combinations when there are at most 4096, else
-    each parameter across the strategies. The :class:`UserError` names the space file and line.
-    """
-    points = _corner_points(space)
-    if points is None:
-        points = [pt for p in space.params for pt in (_corner_points(space, only=p.name) or [])]
-    for values in points:
-        try:
-            _effective(space, values, base_fields)
-        except UserError as e:
-            raise UserError(_blame(space, values, base_fields, e)) from None
-
-
-def _blame(space: SearchSpace, values: dict[str, Any], base_fields: dict[str, Any], error: UserError) -> str:
-    """One line: the space line of the offending field, its value, and the defaults it clashes with."""
-    field_name = getattr(error, "field", None)
-    culprit = field_name if field_name in values else next((k for k in values if space[k].searched), None)
-    where = space[culprit].where if culprit in space else space.source
-    point = ", ".join(f"{k}={v}" for k, v in values.items() if k == culprit or k == "strategy")
-    defaults = ", ".join(f"{k}={v}" for k, v in base_fields.items() if k not in values)
-    reason = str(error)
-    return (f"{where or space.source}: {culprit or 'space'}: the point {point or '(fixed values)'} is invalid with "
-            f"the task's defaults ({defaults}): {reason}")
+    space_caps.check_space_against(space, base_fields)
