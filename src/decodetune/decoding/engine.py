@@ -38,7 +38,8 @@ CONTINUOUS_BATCHING = True
 
 def generate(model: Any, prompts: Any, config: DecodingConfig | Sequence[DecodingConfig] | None = None, *,
              seeds: Sequence[int | None] | None = None, logprobs: bool = False, batch_size: int | None = None,
-             progress: bool = False) -> list[Generation]:
+             progress: bool = False, draft_model: Any = None, num_draft_tokens: int | None = None,
+             prompt_lookup_num_tokens: int | None = None) -> list[Generation]:
     """Decode every prompt; returns a flat list in prompt order (n consecutive entries for n sequences).
 
     ``model``: anything :func:`decodetune.models.load_model` accepts. ``prompts``: a list of strings or
@@ -51,7 +52,16 @@ def generate(model: Any, prompts: Any, config: DecodingConfig | Sequence[Decodin
 
     The same (prompt, config, seed) gives the same tokens whatever else is in the call, its position and
     ``batch_size``. Bad input raises :class:`~decodetune.errors.UserError` naming the argument.
+
+    ``draft_model`` (transformers' ``assistant_model``; with ``num_draft_tokens``) or
+    ``prompt_lookup_num_tokens``: speculative decoding, one row at a time (:mod:`.speculative`).
     """
+    if draft_model is not None or num_draft_tokens is not None or prompt_lookup_num_tokens is not None:
+        from decodetune.decoding.speculative import generate_speculative
+
+        return generate_speculative(model, prompts, config, seeds=seeds, logprobs=logprobs,
+                                    draft_model=draft_model, num_draft_tokens=num_draft_tokens,
+                                    prompt_lookup_num_tokens=prompt_lookup_num_tokens)
     lm = _resolve_model(model)
     prompts = _check_prompts(prompts)
     configs = _check_configs(config, len(prompts))

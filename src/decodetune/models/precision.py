@@ -71,6 +71,7 @@ class RowScaledInt8Linear(nn.Module):
         inner.set_weight_bias(weight, None)  # the bias is added after the rescaling
         self.inner = inner
         self.bias = bias
+        self.in_features, self.out_features = inner.in_features, inner.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``inner(x)`` with each token's activations scaled to max-abs 1 going in and back coming out."""
