@@ -2,7 +2,9 @@
 
 Rows of a call: one per (prompt, returned sequence) for greedy / sample configs, decoded together by
 :class:`~decodetune.decoding.batching.FlatDecoder` (at most ``batch_size`` at once, continuous batching,
-one prefill per distinct prompt); beam configs run as separate batches grouped by (num_beams, sampling).
+one prefill per distinct prompt); beam configs run as separate batches grouped by (num_beams, sampling),
+contrastive ones (:mod:`~decodetune.decoding.contrastive`) by top_k and diverse_beam ones
+(:mod:`~decodetune.decoding.diverse_beam`) by (num_beams, num_beam_groups).
 Each step: model forward on the newest token -> processors (penalties, n-grams, min_new_tokens) ->
 greedy rows take the argmax, sampling rows go through their sampler chain and draw from their own
 generator -> finished rows (EOS / stop token / stop string / length) leave the batch, their KV-cache rows
