@@ -211,3 +211,56 @@ def test_a_cache_that_cannot_be_joined_is_refused():
         layers = [Sliding()]
 
     assert layers_of(Cache()) is None
+
+
+# ---- rows that join mid-way with per-row state (penalty windows, DRY, bad words, mirostat, stop ids, ...)
+
+JOINING = {
+    "penalty_last_n": DecodingConfig(strategy="sample", temperature=0.9, penalty_last_n=4, repetition_penalty=1.6,
+                                     presence_penalty=0.6, frequency_penalty=0.4, max_new_tokens=12),
+    "dry": DecodingConfig(max_new_tokens=13, dry_multiplier=0.9, dry_allowed_length=1, dry_base=2.0),
+    "dry_window": DecodingConfig(dry_multiplier=1.5, dry_allowed_length=1, dry_penalty_last_n=6,
+                                 dry_sequence_breakers=["e"], max_new_tokens=10),
+    "bad_words": DecodingConfig(max_new_tokens=12, bad_words=["ro", "is is", "Pa"]),
+    "mirostat": DecodingConfig(strategy="sample", temperature=0.9, mirostat=2, mirostat_tau=2.0, mirostat_eta=0.3,
+                               max_new_tokens=15),
+    "mirostat_v1": DecodingConfig(strategy="sample", mirostat=1, mirostat_tau=3.0, max_new_tokens=11),
+    "stop_token_ids": DecodingConfig(strategy="sample", temperature=1.1, stop_token_ids=[116, 30], min_new_tokens=5,
+                                     max_new_tokens=14),
+    "xtc": DecodingConfig(strategy="sample", xtc_probability=0.7, xtc_threshold=0.05, max_new_tokens=9),
+    "top_n_sigma": DecodingConfig(strategy="sample", temperature=1.3, top_n_sigma=1.0, max_new_tokens=12),
+    "dynatemp": DecodingConfig(strategy="sample", dynatemp_range=0.6, dynatemp_exponent=1.5, max_new_tokens=10),
+}
+
+
+@pytest.mark.parametrize("name", sorted(JOINING))
+def test_rows_with_per_row_state_join_mid_way_and_match_static_and_one_by_one(lm, static, calls, name):
+    from decodetune.decoding import batching
+
+    special = JOINING[name]
+    assert batching.joins_safely(special)
+    # the special config on rows that join while others (and earlier rows of it) are at other steps
+    configs = [CONFIGS[0].replace(max_new_tokens=3), special, CONFIGS[1].replace(max_new_tokens=5), special,
+               CONFIGS[3], special.replace(max_new_tokens=7), CONFIGS[2], special]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(configs))]
+    seeds = [40 + i for i in range(len(configs))]
+    cont = generate(lm, prompts, configs, seeds=seeds, batch_size=3, logprobs=True)
+    cont_steps = list(calls["step"])
+    calls["step"].clear()
+    stat = static(lm, prompts, configs, seeds=seeds, batch_size=3, logprobs=True)
+    assert cont_steps != calls["step"]  # rows really joined mid-way
+    one = [generate(lm, [p], c, seeds=[s], logprobs=True)[0] for p, c, s in zip(prompts, configs, seeds, strict=True)]
+    assert_same(cont, stat)
+    assert_same(cont, one)
+    # the field really acts on these rows (else the comparison proves nothing about it)
+    plain = [generate(lm, [prompts[i]], _neutral(configs[i], name), seeds=[seeds[i]])[0] for i in (1, 3, 5, 7)]
+    assert [g.token_ids for g in plain] != [cont[i].token_ids for i in (1, 3, 5, 7)]
+
+
+def _neutral(config: DecodingConfig, name: str) -> DecodingConfig:
+    """The config with the field under test back at its default."""
+    fields = {"penalty_last_n": ["penalty_last_n"], "dry": ["dry_multiplier"], "dry_window": ["dry_multiplier"],
+              "bad_words": ["bad_words"], "mirostat": ["mirostat"], "mirostat_v1": ["mirostat"],
+              "stop_token_ids": ["min_new_tokens"], "xtc": ["xtc_probability"], "top_n_sigma": ["top_n_sigma"],
+              "dynatemp": ["dynatemp_range"]}[name]
+    return config.replace(**{f: getattr(DecodingConfig(), f) for f in fields})

@@ -13,8 +13,13 @@ finished rows leave (their cache rows dropped) -> one forward for the running ro
 
 A row's tokens depend only on (prompt, config, seed): its positions come from its own length, padding is
 masked, its sampler draws from its own generator, and its min-new-tokens count is its own (rows that joined
-at different steps share one :class:`TokenState` whose step counter is offset per row). So continuous,
+at different steps share one :class:`TokenState` that counts each row's generated tokens). So continuous,
 static and one-by-one batching give the same tokens, up to the float rounding of different batch shapes.
+
+On every admission the token state is rebuilt from each running row's (prompt, output so far): the seen
+tokens, output counts, penalty windows, DRY's match table (``O(context)`` tensor ops per admission) and
+bad-word tails all follow from the tokens; mirostat's mu, which does not, is carried over from the state
+the running rows came from (rows that join start at mu = 2 tau, as they would alone).
 """
 
 from __future__ import annotations
@@ -37,12 +42,14 @@ from decodetune.decoding.stopping import RowStopper, StopStrings
 
 #: Row parameters whose processors / samplers give the same result on a batch whose rows started at
 #: different steps, once :meth:`FlatDecoder._rebuild_state` has rebuilt the token state (they look at the
-#: set or counts of seen tokens, n-gram windows that padding never matches, or each row's min_new_tokens,
-#: offset per row). A row with any other parameter set (a window over "the last n tokens", or state carried
-#: across steps) makes the call batch statically: rows then always start together.
+#: row's own tokens and its own generated count, or at state carried over per row, mirostat's mu). A row
+#: with any other parameter set makes the call batch statically: rows then always start together.
 JOIN_SAFE = frozenset({"temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff",
                        "repetition_penalty", "presence_penalty", "frequency_penalty", "no_repeat_ngram_size",
-                       "min_new_tokens", "logit_bias"})
+                       "min_new_tokens", "logit_bias", "penalty_last_n", "dry_multiplier", "dry_base",
+                       "dry_allowed_length", "dry_penalty_last_n", "dry_sequence_breakers", "bad_words",
+                       "stop_token_ids", "mirostat", "mirostat_tau", "mirostat_eta", "xtc_probability",
+                       "xtc_threshold", "top_n_sigma", "dynatemp_range", "dynatemp_exponent"})
 
 
 def joins_safely(config: DecodingConfig) -> bool:
@@ -144,7 +151,6 @@ class FlatDecoder:
         self.state: TokenState | None = None
         self.gens: list[torch.Generator | None] = []
         self.top_n = 0
-        self.may_ban = False  # whether a running row has stop_token_ids and fewer than min_new_tokens tokens
 
     def run(self) -> list[Finished]:
         """Decode every row to its end."""
@@ -164,7 +170,7 @@ class FlatDecoder:
         """Pick every running row's next token, bring what the host needs over in one transfer, record it."""
         assert self.params is not None and self.state is not None
         logits = self.logits
-        scores = self._ban_stop_tokens(apply_processors(logits, self.state))
+        scores = apply_processors(logits, self.state)  # MinNewTokens bans EOS and stop_token_ids
         tokens = select_tokens(scores, self.params, self.gens, self.state)
         lse = logits.logsumexp(dim=1, keepdim=True)
         cols = [tokens.unsqueeze(1), logits.gather(1, tokens.unsqueeze(1)) - lse]
@@ -207,23 +213,6 @@ class FlatDecoder:
         self.finished[b] = Finished(t.tokens, t.logprobs, reason, cut, t.prefill_s, now - t.t0, stop_token, t.top)
         return True
 
-    def _ban_stop_tokens(self, scores: torch.Tensor) -> torch.Tensor:
-        """``stop_token_ids`` are banned before ``min_new_tokens`` tokens, as EOS is (vLLM's min_tokens)."""
-        if not self.may_ban:
-            return scores
-        rows, cols = [], []
-        for j, b in enumerate(self.active):
-            t = self.track[b]
-            if t is not None and t.stop_ids and len(t.tokens) < t.config.min_new_tokens:
-                ids = [i for i in t.stop_ids if i < scores.shape[1]]
-                rows += [j] * len(ids)
-                cols += ids
-        if not rows:
-            self.may_ban = False  # rows only grow; a row that joins sets it again
-            return scores
-        index = (torch.tensor(rows, device=scores.device), torch.tensor(cols, device=scores.device))
-        return scores.index_put(index, torch.tensor(float("-inf"), device=scores.device))
-
     def _drop_finished(self, tokens: torch.Tensor) -> torch.Tensor:
         """Drop finished rows from the batch (or, uncompacted, end the batch once all have finished)."""
         keep = [j for j, b in enumerate(self.active) if self.finished[b] is None]
@@ -239,7 +228,7 @@ class FlatDecoder:
         self.cache.reorder_cache(idx)
         self.mask, self.next_pos, tokens = self.mask[idx], self.next_pos[idx], tokens[idx]
         self.params = self.params.index(keep)
-        self.state.index(idx, self.params)
+        self.state.index(idx, self.params, keep)
         self.gens = [self.gens[j] for j in keep]
         self.active = [self.active[j] for j in keep]
         self.top_n = self._top_n()
@@ -261,6 +250,7 @@ class FlatDecoder:
         if free <= 0:
             return
         new = [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
+        running = len(self.active)
         groups = self._sources(new)
         order = [b for _, rows, _ in groups for b in rows]
         for pf, rows, _ in groups:
@@ -273,7 +263,7 @@ class FlatDecoder:
         self._join(groups)
         self.active = self.active + order
         self.gens = self.gens + [self._generator(b) for b in order]
-        self._rebuild_state()
+        self._rebuild_state(running)
 
     def _sources(self, new: list[int]) -> list[tuple[_Prefill, list[int], list[int]]]:
         """The prefill each new row takes its prompt cache from: (prefill, rows, row of the prefill) groups."""
@@ -333,26 +323,19 @@ class FlatDecoder:
             self.cache = picks[0][0].cache
         set_layers(self.cache, kv)
 
-    def _rebuild_state(self) -> None:
-        """Row parameters and token state of the running batch, rows at different steps."""
+    def _rebuild_state(self, running: int) -> None:
+        """Row parameters and token state of the running batch, rows at different steps; the first
+        ``running`` rows were in the batch before, and their carried state (mirostat's mu) comes along."""
         rows = [self.rows[b] for b in self.active]
-        tracks = [self.track[b] for b in self.active]
-        generated = [len(t.tokens) for t in tracks]  # type: ignore[union-attr]
+        outputs = [t.tokens for t in (self.track[b] for b in self.active)]  # type: ignore[union-attr]
         params = RowParams.from_configs([r.config for r in rows], self.device)
-        base = max(generated)
-        # MinNewTokens compares each row's min_new_tokens with the shared step counter: offset it per row
-        params.values["min_new_tokens"] = [m - g + base if m > g else 0
-                                           for m, g in zip(params.values["min_new_tokens"], generated, strict=True)]
-        room = max(r.config.max_new_tokens - g for r, g in zip(rows, generated, strict=True))
-        history = [r.ids + t.tokens for r, t in zip(rows, tracks, strict=True)]  # type: ignore[union-attr]
-        state = TokenState(history, room, self.logits.shape[1], params, self.eos, self.device)
-        state.step = base
-        if state.counts is not None and base:
-            _count_outputs(state, [t.tokens for t in tracks])  # type: ignore[union-attr]
+        room = max(r.config.max_new_tokens - len(o) for r, o in zip(rows, outputs, strict=True))
+        state = TokenState([r.ids for r in rows], room, self.logits.shape[1], params, self.eos, self.device,
+                           outputs=outputs)
+        if running and self.state is not None:
+            state.carry_from(self.state, range(running))
         self.params, self.state = params, state
         self.top_n = self._top_n()
-        self.may_ban = any(r.config.stop_token_ids and r.config.min_new_tokens > g
-                           for r, g in zip(rows, generated, strict=True))
 
     # ---- helpers
 
@@ -371,15 +354,3 @@ class FlatDecoder:
         vocab = self.logits.shape[1] if self.logits.dim() == 2 else 0
         return min(vocab, max((self.rows[b].config.top_logprobs for b in self.active), default=0))
 
-
-def _count_outputs(state: TokenState, outputs: Sequence[Sequence[int]]) -> None:
-    """Fill ``state.counts`` (output tokens only, for presence / frequency) from each row's outputs so far."""
-    assert state.counts is not None
-    vocab = state.vocab_size
-    width = max(len(o) for o in outputs)
-    ids = torch.full((len(outputs), width), vocab, dtype=torch.long)  # padding lands in the spare column
-    for r, out in enumerate(outputs):
-        if out:
-            ids[r, :len(out)] = torch.tensor(list(out), dtype=torch.long)
-    ids = ids.clamp(max=vocab).to(state.device)
-    state.counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=state.counts.dtype))

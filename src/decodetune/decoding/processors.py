@@ -20,7 +20,8 @@ The order is fixed and documented (llama.cpp's chain starts logit bias -> penalt
    prompt + output is banned;
 6. ``bad_words`` (vLLM, :mod:`decodetune.decoding.token_rules`): a token that would complete a bad word's
    token sequence in the output is banned;
-7. ``min_new_tokens``: every EOS id is banned while fewer than ``min_new_tokens`` tokens were generated.
+7. ``min_new_tokens``: every EOS id, and the row's own ``stop_token_ids`` (vLLM's ``min_tokens``), is
+   banned while the row has generated fewer than ``min_new_tokens`` tokens.
 
 ``bad_words`` and DRY's sequence breakers are strings, tokenized with the model's tokenizer:
 :meth:`RowParams.from_configs` takes it, or the one set by :func:`~decodetune.decoding.token_rules.use_tokenizer`
@@ -28,6 +29,14 @@ The order is fixed and documented (llama.cpp's chain starts logit bias -> penalt
 
 The distribution samplers (temperature, top-k, ...) come after, in :mod:`decodetune.decoding.sampler`.
 Padding never counts as a token (transformers >= 5 also ignores it for the repetition penalty).
+
+Rows of one :class:`TokenState` may be at different steps (continuous batching: rows join a running batch
+at their start, or rebuilt from their output so far): every rule that looks at "the output" or "the tokens
+generated" uses the row's own count (:attr:`TokenState.generated`), never the shared step.
+
+``MinNewTokens`` and ``NoRepeatNGram`` write in place (``apply_``) on a copy that an earlier stage already
+made; :func:`apply_processors` makes the one copy when no stage did, so the caller's logits are never
+modified.
 """
 
 from __future__ import annotations
@@ -53,7 +62,8 @@ NEUTRAL: dict[str, float | int] = {
     "mirostat_eta": 0.1, "dynatemp_range": 0.0, "dynatemp_exponent": 1.0,
 }
 #: Per-row values that are not numbers (never packed in tensors), with their neutral values.
-OBJECT_FIELDS: dict[str, Any] = {"logit_bias": {}, "bad_words": [], "dry_sequence_breakers": []}
+OBJECT_FIELDS: dict[str, Any] = {"logit_bias": {}, "bad_words": [], "dry_sequence_breakers": [],
+                                  "stop_token_ids": []}
 #: Parameters that only shape the sampling distribution; they are neutral on rows that do not sample.
 SAMPLER_FIELDS = frozenset({"temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff",
                             "xtc_probability", "xtc_threshold", "top_n_sigma", "mirostat", "mirostat_tau",
@@ -150,25 +160,41 @@ class TokenState:
     window on some row they are recomputed from ``history`` each step instead (:meth:`penalty_seen`,
     :meth:`penalty_counts`). ``per_row`` holds the stateful stages' per-row tensors (DRY's suffix matches,
     mirostat's mu); :meth:`index` keeps them aligned with the rows.
+
+    ``outputs`` (rows joining a batch mid-way, or a state rebuilt for rows at different steps): each row's
+    tokens generated so far; they follow its prompt in ``history``, count as output, and set the row's
+    :attr:`generated` count. Everything but mirostat's mu is rebuilt from them; :meth:`carry_from` copies mu
+    (and any other per-row value that tokens cannot give) from the state the rows ran in.
+    ``max_new_tokens`` is then the room left for the row with the most steps to go.
     """
 
+    #: ``per_row`` entries that cannot be rebuilt from the tokens (:meth:`carry_from` copies them)
+    CARRIED = ("mirostat_mu",)
+
     def __init__(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, vocab_size: int,
-                 rows: RowParams, eos_token_ids: Sequence[int], device: torch.device | str):
+                 rows: RowParams, eos_token_ids: Sequence[int], device: torch.device | str,
+                 outputs: Sequence[Sequence[int]] | None = None):
         self.rows = rows
         self.vocab_size = vocab_size
         self.device = torch.device(device)
-        width = max(len(p) for p in prompts)
+        outputs = outputs if outputs is not None else [()] * len(prompts)
+        contexts = [list(p) + list(o) for p, o in zip(prompts, outputs, strict=True)]
+        width = max(len(c) for c in contexts)
         history = torch.full((len(prompts), width + max_new_tokens), -1, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            if p:
-                history[i, width - len(p):width] = torch.tensor(list(p), dtype=torch.long)
+        for i, c in enumerate(contexts):
+            if c:
+                history[i, width - len(c):width] = torch.tensor(c, dtype=torch.long)
         self.history = history.to(self.device)
         self.length = width
-        self.prompt_width = width
-        self.step = 0
+        self.prompt_width = width  # columns filled when the state was built (prompts and outputs so far)
+        self.step = 0  # tokens appended since then (the same for every row)
+        #: each row's tokens generated before this state was built (host side, for what runs when)
+        self.first: list[int] = [len(o) for o in outputs]
+        self._first_t: torch.Tensor | None = None
         self.per_row: dict[str, torch.Tensor] = {}
         self._tables: dict[str, torch.Tensor] = {}
-        self.eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=self.device)
+        self.eos_ids = tuple(sorted(set(eos_token_ids)))
+        self.eos = torch.tensor(self.eos_ids, dtype=torch.long, device=self.device)
         self.seen: torch.Tensor | None = None
         self.counts: torch.Tensor | None = None
         self.windowed = rows.active("penalty_last_n")
@@ -180,8 +206,43 @@ class TokenState:
             self.seen = seen[:, : vocab_size + 1].contiguous()
         if (rows.active("presence_penalty") or rows.active("frequency_penalty")) and not self.windowed:
             self.counts = torch.zeros((len(prompts), vocab_size + 1), dtype=torch.float32, device=self.device)
+            if any(self.first):
+                self._count_outputs(outputs)
         dry.init_dry_state(self)
         init_mirostat_state(self)
+
+    @property
+    def generated(self) -> torch.Tensor:
+        """``(rows,)`` long: tokens each row has generated (its outputs before this state, plus every step)."""
+        key = "generated"
+        if key not in self._tables:
+            if self._first_t is None:
+                self._first_t = torch.tensor(self.first, dtype=torch.long, device=self.device)
+            self._tables[key] = self._first_t + self.step
+        return self._tables[key]
+
+    def generated_counts(self) -> list[int]:
+        """:attr:`generated` on the host (no device sync: from the host-side counts)."""
+        return [f + self.step for f in self.first]
+
+    def carry_from(self, old: TokenState, rows: Sequence[int]) -> None:
+        """Copy the :data:`CARRIED` per-row values of ``old``'s rows into this state: ``old``'s row ``i``
+        is row ``rows[i]`` here (rows new to this state keep their fresh start, e.g. mu = 2 tau)."""
+        idx = torch.tensor(list(rows), dtype=torch.long, device=self.device)
+        for key in self.CARRIED:
+            if key in self.per_row and key in old.per_row:
+                self.per_row[key][idx] = old.per_row[key]
+
+    def _count_outputs(self, outputs: Sequence[Sequence[int]]) -> None:
+        """Add each row's outputs so far to ``counts`` (presence / frequency count output tokens only)."""
+        assert self.counts is not None
+        width = max(len(o) for o in outputs)
+        ids = torch.full((len(outputs), width), self.vocab_size, dtype=torch.long)  # padding: the spare column
+        for r, out in enumerate(outputs):
+            if out:
+                ids[r, :len(out)] = torch.tensor(list(out), dtype=torch.long)
+        ids = ids.clamp(max=self.vocab_size).to(self.device)
+        self.counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=self.counts.dtype))
 
     def append(self, tokens: torch.Tensor) -> None:
         """Record one new token per row."""
@@ -197,8 +258,17 @@ class TokenState:
         if self.counts is not None:
             self.counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=self.counts.dtype))
 
-    def index(self, idx: torch.Tensor, rows: RowParams | None = None) -> None:
-        """Keep / reorder rows (beam reordering, dropping finished rows); ``rows`` if they changed."""
+    def index(self, idx: torch.Tensor, rows: RowParams | None = None, host_idx: Sequence[int] | None = None) -> None:
+        """Keep / reorder rows (beam reordering, dropping finished rows); ``rows`` if they changed.
+
+        ``host_idx``: ``idx`` as a host list, which spares a device sync when rows are at different steps
+        (rows all at the same step need neither).
+        """
+        if len(set(self.first)) > 1:
+            self.first = [self.first[i] for i in (host_idx if host_idx is not None else idx.tolist())]
+        elif len(self.first) != idx.numel():
+            self.first = [self.first[0] if self.first else 0] * idx.numel()
+        self._first_t = None
         self.history = self.history.index_select(0, idx)
         if self.seen is not None:
             self.seen = self.seen.index_select(0, idx)
@@ -232,8 +302,8 @@ class TokenState:
             cols = torch.arange(self.length, device=self.device)
             n = self.rows.tensor("penalty_last_n").unsqueeze(1)
             valid = (hist >= 0) & ((n < 0) | (cols >= self.length - n))
-            if output_only:
-                valid &= cols >= self.prompt_width
+            if output_only:  # each row's output: its last ``generated`` columns
+                valid &= cols >= (self.length - self.generated).unsqueeze(1)
             # invalid positions land in the spare column past the vocabulary, which is then dropped
             ids = torch.where(valid, hist.clamp(max=self.vocab_size), self.vocab_size + 1)
             table = torch.zeros((hist.shape[0], self.vocab_size + 2), dtype=torch.float32, device=self.device)
@@ -279,7 +349,7 @@ class PresenceFrequencyPenalty(LogitsProcessor):
     def active(self, state: TokenState) -> bool:
         uses = state.counts is not None or (
             state.windowed and (state.rows.active("presence_penalty") or state.rows.active("frequency_penalty")))
-        return uses and state.step > 0
+        return uses and (state.step > 0 or any(state.first))
 
     def __call__(self, logits: torch.Tensor, state: TokenState) -> torch.Tensor:
         counts = state.penalty_counts()
@@ -294,14 +364,19 @@ class NoRepeatNGram(LogitsProcessor):
     """transformers' ``NoRepeatNGramLogitsProcessor`` with a per-row n (rows grouped by n), padding excluded."""
 
     name = "no_repeat_ngram_size"
+    in_place = True
 
     def active(self, state: TokenState) -> bool:
         return state.rows.active("no_repeat_ngram_size")
 
     def __call__(self, logits: torch.Tensor, state: TokenState) -> torch.Tensor:
+        return self.apply_(logits.clone(memory_format=torch.contiguous_format), state)
+
+    def apply_(self, logits: torch.Tensor, state: TokenState) -> torch.Tensor:
+        """Ban in place (``logits`` contiguous): one ``amin`` scatter per n, no full-vocabulary mask."""
         rows = state.rows
         vocab = logits.shape[1]
-        banned = torch.zeros((logits.shape[0], vocab + 1), dtype=torch.bool, device=logits.device)
+        flat = logits.view(-1)
         for n, idx in rows.cached("ngram_groups", lambda: _groups(rows.values["no_repeat_ngram_size"])):
             if state.length < n:
                 continue
@@ -311,11 +386,13 @@ class NoRepeatNGram(LogitsProcessor):
             windows = hist.unfold(1, n, 1)
             match = (windows[..., :-1] == prefix.unsqueeze(1)).all(-1)
             # a prefix reaching into padding matches nothing; a window ending in padding bans nothing
-            match &= (prefix >= 0).all(-1, keepdim=True) & (windows[..., -1] >= 0)
-            target = torch.where(match, windows[..., -1].clamp(max=vocab), vocab)
-            group_ban = torch.zeros((len(idx), vocab + 1), dtype=torch.bool, device=logits.device)
-            banned[idx_t] = group_ban.scatter_(1, target, True)
-        return logits.masked_fill(banned[:, :vocab], float("-inf"))
+            last = windows[..., -1]
+            match &= (prefix >= 0).all(-1, keepdim=True) & (last >= 0) & (last < vocab)
+            # min with -inf bans, min with +inf leaves the score exactly as it was (duplicates agree)
+            target = idx_t.unsqueeze(1) * vocab + last.clamp(min=0, max=vocab - 1)
+            values = torch.where(match, float("-inf"), float("inf")).to(logits.dtype)
+            flat.scatter_reduce_(0, target.flatten(), values.flatten(), reduce="amin")
+        return logits
 
 
 class LogitBias(LogitsProcessor):
@@ -343,19 +420,46 @@ class LogitBias(LogitsProcessor):
 
 
 class MinNewTokens(LogitsProcessor):
-    """Bans every EOS id on rows that have generated fewer than ``min_new_tokens`` tokens."""
+    """Bans every EOS id and the row's ``stop_token_ids`` on rows that have generated fewer than
+    ``min_new_tokens`` tokens (each row its own count: :attr:`TokenState.generated`)."""
 
     name = "min_new_tokens"
+    in_place = True
 
     def active(self, state: TokenState) -> bool:
-        return state.eos.numel() > 0 and any(m > state.step for m in state.rows.values["min_new_tokens"])
+        rows = state.rows
+        mins = rows.values["min_new_tokens"]
+        stops = rows.values["stop_token_ids"]
+        return any(m > f + state.step and (state.eos_ids or s)
+                   for m, f, s in zip(mins, state.first, stops, strict=True))
 
     def __call__(self, logits: torch.Tensor, state: TokenState) -> torch.Tensor:
-        too_short = (state.rows.tensor("min_new_tokens") > state.step).unsqueeze(1)
-        eos = state.eos[state.eos < logits.shape[1]]
-        out = logits.clone()
-        out[:, eos] = torch.where(too_short, float("-inf"), logits[:, eos])
-        return out
+        return self.apply_(logits.clone(memory_format=torch.contiguous_format), state)
+
+    def apply_(self, logits: torch.Tensor, state: TokenState) -> torch.Tensor:
+        """Ban in place with one small ``amin`` scatter over each row's banned ids (no full-logit copy)."""
+        ids, has_ids = _min_new_ids(state, logits.shape[1])
+        too_short = (state.rows.tensor("min_new_tokens") > state.generated).unsqueeze(1) & has_ids
+        values = torch.where(too_short, float("-inf"), float("inf")).to(logits.dtype).expand(ids.shape)
+        return logits.scatter_reduce_(1, ids, values, reduce="amin")
+
+
+def _min_new_ids(state: TokenState, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, m)``: each row's EOS and stop ids inside the vocabulary, padded by repeating one of them.
+
+    Also ``(rows, 1)`` bool: whether the row has any (a row without gets column 0, never banned).
+    """
+    rows = state.rows
+
+    def make() -> tuple[torch.Tensor, torch.Tensor]:
+        per_row = [sorted({i for i in (*state.eos_ids, *stops) if 0 <= i < vocab})
+                   for stops in rows.values["stop_token_ids"]]
+        width = max(1, max(len(r) for r in per_row))
+        padded = [(r + [r[-1]] * (width - len(r))) if r else [0] * width for r in per_row]
+        return (torch.tensor(padded, dtype=torch.long, device=rows.device),
+                torch.tensor([bool(r) for r in per_row], device=rows.device).unsqueeze(1))
+
+    return rows.cached(("min_new_ids", state.eos_ids, vocab), make)
 
 
 def _row_value(config: DecodingConfig, sampling: bool, name: str, neutral: Any) -> Any:
@@ -375,11 +479,27 @@ PROCESSORS: tuple[Any, ...] = (LogitBias(), RepetitionPenalty(), PresenceFrequen
 
 
 def apply_processors(logits: torch.Tensor, state: TokenState) -> torch.Tensor:
-    """Run every active processor, in order. Never modifies ``logits`` in place."""
+    """Run every active processor, in order. Never modifies ``logits`` in place.
+
+    A stage with ``in_place`` writes into the scores an earlier stage returned (a fresh tensor); only when
+    none did is the one copy made here, so a step costs at most one full-logit copy per out-of-place stage.
+    """
+    source = logits
     for proc in PROCESSORS:
-        if proc.active(state):
+        if not proc.active(state):
+            continue
+        if getattr(proc, "in_place", False):
+            if _shares(logits, source) or not logits.is_contiguous():
+                logits = logits.clone(memory_format=torch.contiguous_format)
+            logits = proc.apply_(logits, state)
+        else:
             logits = proc(logits, state)
     return logits
+
+
+def _shares(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` may be (a view of) the caller's tensor ``b``, which must not be written."""
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def _groups(values: Sequence[int]) -> list[tuple[int, list[int]]]:

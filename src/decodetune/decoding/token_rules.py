@@ -94,14 +94,15 @@ class BadWords:
         per_row = rows.cached("bad_word_ids", lambda: [
             bad_word_sequences(tokenizer, words) if words else [] for words in rows.values["bad_words"]])
         longest = max((len(s) for seqs in per_row for s in seqs), default=1)
-        out_len = state.length - state.prompt_width
+        out_lens = state.generated_counts()  # rows may be at different steps: each its own output
         # one small host copy of the output tail: bad words are short and rare
-        tail = state.history[:, max(state.prompt_width, state.length - longest + 1): state.length].tolist()
+        width = min(longest - 1, max(out_lens, default=0))
+        tail = state.history[:, state.length - width: state.length].tolist()
         ban_rows, ban_tokens = [], []
         for i, seqs in enumerate(per_row):
             for seq in seqs:
                 prefix = len(seq) - 1
-                if prefix > out_len or seq[-1] >= logits.shape[1]:
+                if prefix > out_lens[i] or seq[-1] >= logits.shape[1]:
                     continue
                 if prefix == 0 or tail[i][len(tail[i]) - prefix:] == seq[:-1]:
                     ban_rows.append(i)
