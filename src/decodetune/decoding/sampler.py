@@ -54,15 +54,25 @@ def temperature(logits: torch.Tensor, rows: RowParams, min_keep: int) -> torch.T
 
 
 def top_k(logits: torch.Tensor, rows: RowParams, min_keep: int) -> torch.Tensor:
-    """Keep the tokens scoring at least the k-th best score of their row (0 = off)."""
+    """Keep the tokens scoring at least the k-th best score of their row (0 = off).
+
+    Only the rows that truncate are ranked, and only as deep as their largest k: a row with top_k = 0 (or
+    k >= vocabulary) would otherwise force a full-vocabulary top-k on the whole batch. Its threshold is
+    -inf, which removes nothing (as its own vocab-th score did before).
+    """
     vocab = logits.shape[1]
     ks = [min(max(k, min_keep), vocab) if k > 0 else vocab for k in rows.values["top_k"]]
-    k_max = max(ks)
-    if k_max >= vocab and all(k >= vocab for k in ks):
+    on = rows.cached(("top_k_rows", vocab, min_keep), lambda: [i for i, k in enumerate(ks) if k < vocab])
+    if not on:
         return logits
+    whole = len(on) == len(ks)
     kth_index = rows.cached(("top_k_index", vocab, min_keep),
-                            lambda: torch.tensor(ks, device=logits.device).sub_(1).unsqueeze(1))
-    kth = torch.topk(logits, k_max, dim=1).values.gather(1, kth_index)
+                            lambda: torch.tensor([ks[i] for i in on], device=logits.device).sub_(1).unsqueeze(1))
+    sub = logits if whole else logits.index_select(0, rows.index_tensor(on))
+    kth = torch.topk(sub, max(ks[i] for i in on), dim=1).values.gather(1, kth_index)
+    if not whole:
+        kth = torch.full((len(ks), 1), NEG_INF, dtype=logits.dtype, device=logits.device).index_copy_(
+            0, rows.index_tensor(on), kth)
     return logits.masked_fill(logits < kth, NEG_INF)
 
 
@@ -80,7 +90,9 @@ def top_p(logits: torch.Tensor, rows: RowParams, min_keep: int) -> torch.Tensor:
     rule from the least likely end, so the two can differ by one token where a prefix sum ties with p.)
     """
     vocab = logits.shape[1]
-    depths = [k for k in TOP_P_DEPTHS if min_keep <= k and k * 4 < vocab]
+    # the shortcut asks the host which rows each depth covered (a sync); cheap on CPU, a stall on CUDA,
+    # where the full sort is fast anyway: one path, no sync
+    depths = [] if logits.is_cuda else [k for k in TOP_P_DEPTHS if min_keep <= k and k * 4 < vocab]
     return logits.masked_fill(~_top_p_keep(logits.softmax(dim=1), rows, min_keep, depths), NEG_INF)
 
 
@@ -94,6 +106,12 @@ def _top_p_keep(probs: torch.Tensor, rows: RowParams, min_keep: int, depths: Seq
         idx = None if whole else torch.tensor(pending, device=probs.device)
         sub_keep, done = _nucleus(probs if whole else probs.index_select(0, idx),
                                   p_all if whole else p_all.index_select(0, idx), min_keep, depth)
+        if depth is None:  # a full sort covers every row: no need to ask the device which
+            if whole:
+                keep = sub_keep
+            else:
+                keep[idx] = sub_keep
+            break
         done_host = done.tolist()
         if whole and all(done_host):
             keep = sub_keep
@@ -261,7 +279,11 @@ def exponential_noise(shape: tuple[int, int], generators: Sequence[torch.Generat
 
 
 def draw(probs: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
-    """One token per row from ``probs`` (rows sum to 1, up to rounding), by inverse CDF on one uniform per row."""
+    """One token per row from ``probs`` (rows sum to 1, up to rounding), by inverse CDF on one uniform per row.
+
+    One ``torch.rand`` per row (one small launch each): the rows' streams must stay their own, independent
+    of the batch, and torch has no batched draw from a list of generators.
+    """
     u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64, device=probs.device) for g in generators])
     cdf = probs.to(torch.float64).cumsum_(dim=1)
     idx = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
