@@ -3,6 +3,7 @@ the same result as the state each row grew step by step alone; the in-place stag
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from decodetune import DecodingConfig
@@ -42,22 +43,25 @@ def params(configs):
     return RowParams.from_configs(configs, "cpu", tokenizer=Chars())
 
 
-def grown(i: int) -> TokenState:
+def grown(configs, i: int) -> TokenState:
     """Row ``i`` alone, its outputs appended one step at a time."""
-    state = TokenState([PROMPTS[i]], 10, VOCAB, params([CONFIGS[i]]), EOS, "cpu")
+    state = TokenState([PROMPTS[i]], 10, VOCAB, params([configs[i]]), EOS, "cpu")
     for tok in OUTPUTS[i]:
         state.append(torch.tensor([tok]))
     return state
 
 
-def test_a_state_rebuilt_from_outputs_equals_each_row_grown_alone():
-    rebuilt = TokenState(PROMPTS, 10, VOCAB, params(CONFIGS), EOS, "cpu", outputs=OUTPUTS)
+@pytest.mark.parametrize("windowed", [True, False])  # penalty tables from the window, or kept up to date
+def test_a_state_rebuilt_from_outputs_equals_each_row_grown_alone(windowed):
+    configs = CONFIGS if windowed else [c.replace(penalty_last_n=-1) for c in CONFIGS]
+    rebuilt = TokenState(PROMPTS, 10, VOCAB, params(configs), EOS, "cpu", outputs=OUTPUTS)
+    assert rebuilt.windowed == windowed and (rebuilt.counts is None) == windowed
     assert rebuilt.generated.tolist() == [6, 0, 3] == rebuilt.generated_counts()
     logits = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(0))
     for step in range(3):  # and it stays equal as every row takes the same new tokens
         ours = apply_processors(logits, rebuilt)
         for i in range(3):
-            alone = grown(i)
+            alone = grown(configs, i)
             for tok in [13, 5, 6][:step]:
                 alone.append(torch.tensor([tok]))
             assert torch.equal(ours[i], apply_processors(logits[i:i + 1], alone)[0]), (step, i)

@@ -206,8 +206,10 @@ class TokenState:
             self.seen = seen[:, : vocab_size + 1].contiguous()
         if (rows.active("presence_penalty") or rows.active("frequency_penalty")) and not self.windowed:
             self.counts = torch.zeros((len(prompts), vocab_size + 1), dtype=torch.float32, device=self.device)
-            if any(self.first):
-                self._count_outputs(outputs)
+            if any(self.first):  # the outputs so far: each row's last ``generated`` columns
+                out = torch.arange(width, device=self.device) >= width - self.generated.unsqueeze(1)
+                ids = torch.where(out, self.history[:, :width].clamp(max=vocab_size), vocab_size)
+                self.counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=self.counts.dtype))
         dry.init_dry_state(self)
         init_mirostat_state(self)
 
@@ -233,17 +235,6 @@ class TokenState:
             if key in self.per_row and key in old.per_row:
                 self.per_row[key][idx] = old.per_row[key]
 
-    def _count_outputs(self, outputs: Sequence[Sequence[int]]) -> None:
-        """Add each row's outputs so far to ``counts`` (presence / frequency count output tokens only)."""
-        assert self.counts is not None
-        width = max(len(o) for o in outputs)
-        ids = torch.full((len(outputs), width), self.vocab_size, dtype=torch.long)  # padding: the spare column
-        for r, out in enumerate(outputs):
-            if out:
-                ids[r, :len(out)] = torch.tensor(list(out), dtype=torch.long)
-        ids = ids.clamp(max=self.vocab_size).to(self.device)
-        self.counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=self.counts.dtype))
-
     def append(self, tokens: torch.Tensor) -> None:
         """Record one new token per row."""
         self.history[:, self.length] = tokens
@@ -259,11 +250,8 @@ class TokenState:
             self.counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=self.counts.dtype))
 
     def index(self, idx: torch.Tensor, rows: RowParams | None = None, host_idx: Sequence[int] | None = None) -> None:
-        """Keep / reorder rows (beam reordering, dropping finished rows); ``rows`` if they changed.
-
-        ``host_idx``: ``idx`` as a host list, which spares a device sync when rows are at different steps
-        (rows all at the same step need neither).
-        """
+        """Keep / reorder rows (beam reordering, dropping finished rows); ``rows`` if they changed;
+        ``host_idx``: ``idx`` as a list, which spares a sync when rows are at different steps."""
         if len(set(self.first)) > 1:
             self.first = [self.first[i] for i in (host_idx if host_idx is not None else idx.tolist())]
         elif len(self.first) != idx.numel():
