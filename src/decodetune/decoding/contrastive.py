@@ -16,7 +16,9 @@ Unlike transformers v4, a left-padded row is decoded as it would be alone: there
 zero hidden states give NaN cosines and the whole padded row silently decodes greedily (see
 tests/data/make_reference_strategies.py). Beyond transformers: ``penalty_alpha``, the processors, stop
 strings and ``max_new_tokens`` may differ per row of a batch (``top_k`` may not: the engine batches rows
-by ``top_k``); a finished row leaves the batch.
+by ``top_k``); a finished row leaves the batch. vLLM's token controls as in the flat loop: ``ignore_eos``,
+``stop_token_ids`` (end with ``"stop"``, kept in the ids, not in the text; banned before ``min_new_tokens`` by
+the processors) and ``top_logprobs`` (the raw distribution the token was chosen from).
 """
 
 from __future__ import annotations
@@ -112,11 +114,12 @@ def contrastive_search(runner: ModelRunner, requests: Sequence[ContrastiveReques
     k = min(top_k, logits.shape[1])
     results: list[list[Hypothesis]] = [[] for _ in requests]
     while loop.alive:
-        tokens, raw_lp = loop.choose(k)
-        for j in loop.record(tokens, raw_lp):
+        tokens, raw_lp, top = loop.choose(k)
+        for j in loop.record(tokens, raw_lp, top):
             b = loop.alive[j]
+            stop_token = loop.reason[b] == "stop" and loop.cut[b] is None
             results[b] = [Hypothesis(loop.out_tok[b], loop.out_lp[b], sum(loop.out_lp[b]), loop.reason[b],
-                                     loop.cut[b], time.perf_counter() - t_decode)]
+                                     loop.cut[b], time.perf_counter() - t_decode, stop_token, loop.out_top[b])]
             if on_done is not None:
                 on_done(1)
         loop.drop_finished()
@@ -140,7 +143,12 @@ class _Loop:
         # the coefficients in double, then float32, as transformers' Python-float alpha meets the tensors
         self.one_minus = torch.tensor([[1.0 - c.penalty_alpha] for c in configs], dtype=torch.float32, device=device)
         self.alpha = torch.tensor([[c.penalty_alpha] for c in configs], dtype=torch.float32, device=device)
-        self.eos = set(eos)
+        # per row: the ids that end it with "eos" (none with ignore_eos) and with "stop"
+        self.eos = [frozenset() if c.ignore_eos else frozenset(eos) for c in configs]
+        self.stop_ids = [frozenset(c.stop_token_ids) for c in configs]
+        self.min_new = [c.min_new_tokens for c in configs]
+        self.top_n = [c.top_logprobs for c in configs]
+        self.out_top: list[list[dict[int, float]] | None] = [[] if n else None for n in self.top_n]
         self.stoppers = [RowStopper(StopStrings(c.stop), decode, c.min_new_tokens) if c.stop else None
                          for c in configs]
         self.alive = list(range(len(requests)))
@@ -150,8 +158,9 @@ class _Loop:
         self.cut: list[int | None] = [None] * len(requests)
         self._done: list[int] = []
 
-    def choose(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One step: candidates, their forward pass, the re-ranking; the chosen tokens and raw logprobs."""
+    def choose(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.return_types.topk | None]:
+        """One step: candidates, their forward pass, the re-ranking; the chosen tokens, raw logprobs and the
+        raw top logprobs (the most any alive row asks for; None when none does)."""
         rows = len(self.alive)
         probs = apply_processors(self.logits, self.state).softmax(dim=-1)
         top_p, top_ids = torch.topk(probs, dim=-1, k=k)
@@ -164,24 +173,33 @@ class _Loop:
         flat = torch.arange(rows, device=chosen.device) * k + chosen
         self.cache.reorder_cache(flat)
         tokens = top_ids.gather(1, chosen.unsqueeze(1)).squeeze(1)
-        raw_lp = self.logits.log_softmax(dim=-1).gather(1, tokens.unsqueeze(1)).squeeze(1)
+        raw = self.logits.log_softmax(dim=-1)
+        raw_lp = raw.gather(1, tokens.unsqueeze(1)).squeeze(1)
+        top_n = max(self.top_n[b] for b in self.alive)
+        top = raw.topk(top_n, dim=-1) if top_n else None
         self.logits = cand_logits[flat]
         self.context = torch.cat([self.context, cand_hidden[flat]], dim=1)
         self.mask, self.next_pos = cand_mask, self.next_pos + 1
         self.state.append(tokens)
-        return tokens, raw_lp
+        return tokens, raw_lp, top
 
-    def record(self, tokens: torch.Tensor, raw_lp: torch.Tensor) -> list[int]:
+    def record(self, tokens: torch.Tensor, raw_lp: torch.Tensor, top: torch.return_types.topk | None) -> list[int]:
         """Append each row's token; the batch positions of the rows that end with it."""
         host_tok, host_lp = tokens.tolist(), raw_lp.tolist()
+        top_v, top_i = (top.values.tolist(), top.indices.tolist()) if top is not None else ([], [])
         self._done = []
         for j, b in enumerate(self.alive):
             tok = int(host_tok[j])
             self.out_tok[b].append(tok)
             self.out_lp[b].append(float(host_lp[j]))
+            out_top, n = self.out_top[b], self.top_n[b]
+            if out_top is not None:
+                out_top.append(dict(zip(top_i[j][:n], top_v[j][:n], strict=True)))
             stopper = self.stoppers[b]
-            if tok in self.eos:
+            if tok in self.eos[b]:
                 self.reason[b] = "eos"
+            elif tok in self.stop_ids[b] and len(self.out_tok[b]) > self.min_new[b]:
+                self.reason[b] = "stop"  # cut stays None: the stop token, not a stop string
             elif stopper is not None and (cut := stopper.check(self.out_tok[b])) is not None:
                 self.reason[b], self.cut[b] = "stop", cut
             elif len(self.out_tok[b]) >= self.max_new[b]:

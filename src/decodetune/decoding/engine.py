@@ -122,7 +122,8 @@ def generate(model: Any, prompts: Any, config: DecodingConfig | Sequence[Decodin
                     for j, h in enumerate(hyps):
                         out[(req.prompt_index, j)] = _generation(
                             req.prompt_index, j, req.ids, req.seed, h.token_ids, h.logprobs,
-                            h.finish_reason, h.stop_at, h.score, prefill_s, h.decode_s, decode, eos, logprobs)
+                            h.finish_reason, h.stop_at, h.score, prefill_s, h.decode_s, decode, eos, logprobs,
+                            stop_token=h.stop_token, top_logprobs=h.top_logprobs)
     return [out[key] for key in sorted(out)]
 
 
@@ -212,8 +213,9 @@ def _check_configs(config: Any, n: int) -> list[DecodingConfig]:
         pending = [n for n in _NOT_BUILT if getattr(c, n) != getattr(_DEFAULT, n)]
         if pending:  # until the issue 11 samplers land; each removes its name here
             raise UserError(f"{pending[0]}: not implemented in the torch engine yet")
-        beam_pending = [n for n in _NOT_BUILT_BEAM if _own_decoder(c) and getattr(c, n) != getattr(_DEFAULT, n)]
-        if beam_pending:  # the flat loop has them (batching.py); beam.py not yet
+        beam_pending = [n for n in _NOT_BUILT_BEAM
+                        if c.strategy in ("contrastive", "diverse_beam") and getattr(c, n) != getattr(_DEFAULT, n)]
+        if beam_pending:  # beam.py has them; contrastive.py too, not switched on yet; diverse_beam.py not
             raise UserError(f"{beam_pending[0]}: not implemented for strategy {c.strategy!r} in the torch engine yet")
         if c.is_candidate:  # silently sampling one sequence would pass for the strategy
             raise UserError(f"strategy: {c.strategy!r} selects one of num_candidates samples, which the engine "
