@@ -70,6 +70,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     ap.add_argument("--skip-drop", action="store_true", help="skip the dropped-vs-masked rows measurement")
+    ap.add_argument("--skip-dtypes", action="store_true", help="skip the bf16 / int8 rows")
     ap.add_argument("--skip-batching", action="store_true",
                     help="skip bench_engine_batching.py (config-batched trial, continuous batching)")
     args = ap.parse_args()
@@ -113,6 +114,9 @@ def main() -> None:
         paired = statistics.median(t / o for o, t in zip(ours, theirs, strict=True))
         print(f"{name:38s} {a:17.1f} {b:19.1f} {a / b:6.2f} {paired:7.2f}")
 
+    if not args.skip_dtypes:
+        dtype_rows(model, tok, cases[0], cases[3], n, args.repeats)
+
     drop, mask = drop_vs_mask(lm, n, args.repeats) if not args.skip_drop else (float("nan"), float("nan"))
 
     bandwidth = read_bandwidth()
@@ -131,6 +135,38 @@ def main() -> None:
 
         report(lm, args.repeats, new_tokens=n)
     print(f"# load: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
+
+
+def dtype_rows(model, tok, greedy_case: tuple, sample_case: tuple, n: int, repeats: int) -> None:
+    """decodetune at bf16 and int8 against transformers fp32 (the issue's anchor) and at the same dtype.
+
+    transformers at int8 is the same ``torch.ao`` dynamic quantisation of the Linear layers (its plain
+    per-tensor activation scale: decodetune's int8 adds per-token scales for quality, which costs a little).
+    """
+    import copy
+
+    from decodetune.models.precision import to_bf16
+
+    print(f"{'case':38s} {'decodetune tok/s':>17s} {'tf fp32 tok/s':>14s} {'vs fp32':>8s} "
+          f"{'tf same dtype':>14s} {'vs same':>8s}")
+    for dtype in ("bf16", "int8"):
+        lm_d = load_model("smollm2-135m", raw=True, dtype=dtype)
+        hf_same = copy.deepcopy(model)
+        if dtype == "bf16":
+            hf_same = to_bf16(hf_same)
+        else:
+            hf_same = torch.ao.quantization.quantize_dynamic(hf_same, {torch.nn.Linear}, dtype=torch.qint8)
+        generate(lm_d, PROMPTS[:2], DecodingConfig(max_new_tokens=4))
+        _hf(hf_same, tok, PROMPTS[:2], DecodingConfig(max_new_tokens=4))
+        for name, prompts, cfg in (greedy_case, sample_case):
+            ours, fp32, same = [], [], []
+            for _ in range(repeats):  # interleaved, so that load changes hit all three
+                ours.append(_time(lambda prompts=prompts, cfg=cfg, lm_d=lm_d: generate(lm_d, prompts, cfg)))
+                fp32.append(_time(lambda prompts=prompts, cfg=cfg: _hf(model, tok, prompts, cfg)))
+                same.append(_time(lambda prompts=prompts, cfg=cfg, m=hf_same: _hf(m, tok, prompts, cfg)))
+            tokens = len(prompts) * n
+            a, b, c = tokens / min(ours), tokens / min(fp32), tokens / min(same)
+            print(f"{name + ', ' + dtype:38s} {a:17.1f} {b:14.1f} {a / b:8.2f} {c:14.1f} {a / c:8.2f}")
 
 
 def bare_forward_rate(lm, prompt: str, n: int) -> float:
