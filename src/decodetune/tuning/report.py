@@ -375,36 +375,58 @@ def _examples_html(examples: list[dict[str, Any]]) -> list[str]:
 
 def deploy_steps(attrs: dict[str, Any]) -> list[dict[str, Any]]:
     """Per export target: its file, whether it is exact, what it drops or changes, and the commands to use it."""
-    import shlex
-
     ex = attrs.get("exports") or {}
     targets = ex.get("targets") or {}
     model = str(attrs.get("model") or "MODEL")
-    gguf = model if model.endswith(".gguf") else "MODEL.gguf"
     steps = []
     for target, e in targets.items():
         f = e.get("file")
-        cmds: list[str] = []
-        if f and target == "llamacpp":
-            cmds = [f"llama-cli -m {shlex.quote(gguf)} $(cat {shlex.quote(f)})",
-                    f"llama-server -m {shlex.quote(gguf)} $(cat {shlex.quote(f)})"]
-        elif f and target == "vllm":
-            cmds = ["import json; from vllm import LLM, SamplingParams",
-                    f"params = SamplingParams(**json.load(open({f!r})))",
-                    f"LLM(model={model!r}).generate(prompts, params)"]
-        elif f and target == "hf":
-            folder = str(Path(f).parent)
-            cmds = ["from transformers import GenerationConfig",
-                    f"gen = GenerationConfig.from_pretrained({folder!r})  # reads {Path(f).name}",
-                    "model.generate(**inputs, generation_config=gen)",
-                    f"# or make it the model's default: cp {shlex.quote(f)} MODEL_DIR/generation_config.json"]
-        elif f and target == "openai":
-            cmds = ["import json; from openai import OpenAI",
-                    f"params = json.load(open({f!r}))",
-                    f"OpenAI(base_url=URL).chat.completions.create(model={model!r}, messages=messages, **params)"]
+        cmds = deploy_commands(target, f, model) if f else []
         steps.append({"target": target, "engine": e.get("engine", target), "file": f,
                       "exact": bool(e.get("exact")), "changes": list(e.get("changes") or []), "commands": cmds})
     return steps
+
+
+#: the llama-server address the curl line talks to (its default port)
+LLAMA_SERVER_URL = "http://localhost:8080"
+#: the name the Ollama commands give the tuned model
+OLLAMA_NAME = "decodetune-tuned"
+
+
+def deploy_commands(target: str, f: str, model: str) -> list[str]:
+    """The shell / Python lines that run the study's ``model`` with export file ``f`` of ``target``."""
+    import shlex
+
+    q = shlex.quote(f)
+    gguf = model if model.endswith(".gguf") else "MODEL.gguf"
+    if target == "llamacpp":
+        return [f"llama-cli -m {shlex.quote(gguf)} $(cat {q})", f"llama-server -m {shlex.quote(gguf)} $(cat {q})"]
+    if target == "llamacpp_server":  # the file is the request body's sampling fields; the prompt is added
+        return [f"llama-server -m {shlex.quote(gguf)} &",
+                f"jq --arg prompt \"$PROMPT\" '. + {{prompt: $prompt}}' {q} | curl -s {LLAMA_SERVER_URL}/completion "
+                "-H 'Content-Type: application/json' -d @-"]
+    if target == "ollama":  # the Modelfile says FROM MODEL: point it at the model first
+        if model.endswith(".gguf"):
+            tuned = shlex.quote(str(Path(f).with_name("Modelfile.tuned")))
+            point = f"sed 's|^FROM .*|FROM {model}|' {q} > {tuned}"
+        else:
+            tuned, point = q, f"# edit the FROM MODEL line of {q}: a GGUF file or an Ollama model name"
+        return [point, f"ollama create {OLLAMA_NAME} -f {tuned}", f"ollama run {OLLAMA_NAME}"]
+    if target == "vllm":
+        return ["import json; from vllm import LLM, SamplingParams",
+                f"params = SamplingParams(**json.load(open({f!r})))",
+                f"LLM(model={model!r}).generate(prompts, params)"]
+    if target == "hf":
+        folder = str(Path(f).parent)
+        return ["from transformers import GenerationConfig",
+                f"gen = GenerationConfig.from_pretrained({folder!r})  # reads {Path(f).name}",
+                "model.generate(**inputs, generation_config=gen)",
+                f"# or make it the model's default: cp {q} MODEL_DIR/generation_config.json"]
+    if target == "openai":
+        return ["import json; from openai import OpenAI",
+                f"params = json.load(open({f!r}))",
+                f"OpenAI(base_url=URL).chat.completions.create(model={model!r}, messages=messages, **params)"]
+    return []
 
 
 def verify_command(attrs: dict[str, Any]) -> str:
