@@ -17,6 +17,7 @@ from typing import Any
 from decodetune.backends.base import NEUTRAL
 from decodetune.config import CANDIDATE_STRATEGIES, DecodingConfig
 from decodetune.errors import UserError
+from decodetune.export import PENALTIES, active
 from decodetune.tuning.space import (
     BEAM_ONLY,
     CANDIDATE_ONLY,
@@ -175,6 +176,49 @@ def check_space_capabilities(space: SearchSpace, caps: Any, backend_name: str) -
             continue
         if any(v != NEUTRAL[p.name] for v in _values(p)):
             raise UserError(f"{where}{p.name}: backend {backend_name!r} does not support {p.name}")
+    if getattr(caps, "mirostat_alone", False):
+        _check_mirostat_alone(space, backend_name)
+
+
+#: What llama.cpp's mirostat chain (logit_bias -> temperature -> mirostat) leaves out; the backend refuses them
+#: beside mirostat, so a space that can draw both would lose those trials one by one.
+_NOT_WITH_MIROSTAT = (*PENALTIES, "dry_multiplier")
+
+
+def _check_mirostat_alone(space: SearchSpace, backend_name: str) -> None:
+    """Refuse a space that can sample mirostat together with a penalty or DRY (one line naming both)."""
+    if "mirostat" not in space:
+        return
+    for name in _NOT_WITH_MIROSTAT:
+        if name not in space:
+            continue
+        for values in _points_over(space, ("mirostat", name)):
+            try:
+                cfg = space.config(values, DecodingConfig())
+            except UserError:  # an invalid point is check_space_against's to report
+                continue
+            if cfg.is_sampling and active(cfg, "mirostat") and active(cfg, name):
+                where = space["mirostat"].where or space.source
+                other = f" ({space[name].where})" if space[name].where else ""
+                raise UserError(f"{where}: mirostat: backend {backend_name!r} runs mirostat alone (logit_bias -> "
+                                f"temperature -> mirostat, no penalties or DRY), yet the space can draw "
+                                f"mirostat={cfg.mirostat} with {name}={getattr(cfg, name)}{other}; every such "
+                                f"trial would be refused: keep them under different strategies, or drop one")
+
+
+def _points_over(space: SearchSpace, names: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Corner points of ``names`` and the parameters their conditions read (the rest left out: defaults)."""
+    relevant = {*names, "strategy", "temperature"}  # these two decide whether the point samples
+    for p in reversed(space.params):  # conditions refer to earlier parameters
+        if p.name in relevant:
+            relevant |= set(p.when)
+    points: list[dict[str, Any]] = [{}]
+    for p in space.params:
+        if p.name not in relevant:
+            continue
+        points = [{**pt, p.name: v} if space._active(p, pt) else pt
+                  for pt in points for v in (_corner_values(p) if space._active(p, pt) else [None])]
+    return points
 
 
 # ==================================================================== against a task's defaults
