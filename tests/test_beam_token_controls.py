@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from decodetune import DecodingConfig, UserError
-from decodetune.decoding import engine, generate
+from decodetune.decoding import generate
 from decodetune.models.handle import LoadedModel
 
 PROMPTS = ["The quick brown fox", "Once upon a time there was a small robot", "Paris", "What is 12 plus"]
@@ -102,16 +102,10 @@ def test_diverse_beam_still_refuses_them(lm):
             generate(lm, PROMPTS[:1], dataclasses.replace(cfg, **{field: value}))
 
 
-@pytest.fixture()
-def contrastive_on(monkeypatch):
-    """contrastive.py has the controls; the engine still refuses them (tests/test_contrastive.py)."""
-    monkeypatch.setattr(engine, "_NOT_BUILT_BEAM", ())
-
-
 CONTRASTIVE = DecodingConfig(strategy="contrastive", penalty_alpha=0.6, top_k=4, max_new_tokens=18)
 
 
-def test_contrastive_token_controls(lm, contrastive_on):
+def test_contrastive_token_controls(lm):
     plain = generate(lm, PROMPTS, CONTRASTIVE.replace(ignore_eos=True, top_logprobs=3), logprobs=True)
     assert all(len(g.token_ids) == 18 and g.finish_reason == "length" for g in plain)
     for g in plain:

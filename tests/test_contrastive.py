@@ -69,9 +69,13 @@ def test_stop_string_and_max_new_tokens(lm):
     assert stop not in cut.text and free.text.startswith(cut.text)
 
 
-def test_refuses_what_it_does_not_do(lm):
+def test_diverse_beam_refuses_the_token_controls_contrastive_has(lm):
+    out = generate(lm, ["Paris"], DecodingConfig(strategy="contrastive", penalty_alpha=0.5, top_k=3, top_logprobs=2,
+                                                 max_new_tokens=3))
+    assert len(out[0].top_logprobs) == len(out[0].token_ids)
     with pytest.raises(UserError, match="top_logprobs"):
-        generate(lm, ["Paris"], DecodingConfig(strategy="contrastive", penalty_alpha=0.5, top_k=3, top_logprobs=2))
+        generate(lm, ["Paris"], DecodingConfig(strategy="diverse_beam", num_beams=4, num_beam_groups=2,
+                                               diversity_penalty=0.5, top_logprobs=2))
 
 
 @pytest.mark.slow

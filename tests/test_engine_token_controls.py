@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from decodetune import DecodingConfig, UserError
+from decodetune import DecodingConfig
 from decodetune.decoding import generate
 from decodetune.models.handle import LoadedModel
 
@@ -80,10 +80,3 @@ def test_top_logprobs_are_the_raw_model_distribution(lm, cfg):
             if g.token_ids[step] in top:
                 assert top[g.token_ids[step]] == pytest.approx(g.logprobs[step], abs=1e-6)
     assert generate(lm, PROMPTS[:1], DecodingConfig(max_new_tokens=3))[0].top_logprobs is None
-
-
-def test_beam_configs_refuse_the_flat_loop_controls(lm):
-    beam = DecodingConfig(strategy="beam", num_beams=2, max_new_tokens=4)
-    for field, value in (("top_logprobs", 2), ("ignore_eos", True), ("stop_token_ids", [5])):
-        with pytest.raises(UserError, match=f"{field}: not implemented for strategy .beam."):
-            generate(lm, PROMPTS[:1], beam.replace(**{field: value}))

@@ -214,8 +214,8 @@ def _check_configs(config: Any, n: int) -> list[DecodingConfig]:
         if pending:  # until the issue 11 samplers land; each removes its name here
             raise UserError(f"{pending[0]}: not implemented in the torch engine yet")
         beam_pending = [n for n in _NOT_BUILT_BEAM
-                        if c.strategy in ("contrastive", "diverse_beam") and getattr(c, n) != getattr(_DEFAULT, n)]
-        if beam_pending:  # beam.py has them; contrastive.py too, not switched on yet; diverse_beam.py not
+                        if c.strategy == "diverse_beam" and getattr(c, n) != getattr(_DEFAULT, n)]
+        if beam_pending:  # beam.py and contrastive.py have them; diverse_beam.py not
             raise UserError(f"{beam_pending[0]}: not implemented for strategy {c.strategy!r} in the torch engine yet")
         if c.is_candidate:  # silently sampling one sequence would pass for the strategy
             raise UserError(f"strategy: {c.strategy!r} selects one of num_candidates samples, which the engine "
