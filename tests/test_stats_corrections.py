@@ -61,6 +61,17 @@ def test_binary_metric_ci_is_wilson_and_never_zero_width():
     assert all(math.isnan(v) for v in bootstrap_ci(all_right, row_grid(10, 1), n_boot=0))  # no CIs asked
 
 
+def test_percentage_metric_ci_is_wilson_in_percent():
+    """A 0/100 metric (repetition %) gets the Wilson interval in its own units, all-zero rows included
+    (it used to come out as a fraction, [0, 0.11] for 0 of 32, beside a value in percent)."""
+    none = MetricScores(per_row=np.zeros(32), scale=100.0)
+    lo, hi = bootstrap_ci(none, row_grid(32, 1), n_boot=200)
+    assert (lo, hi) == pytest.approx(tuple(100 * v for v in wilson_by_hand(0, 32)))
+    assert hi == pytest.approx(10.72, abs=0.01)
+    some = MetricScores(per_row=np.array([100.0] * 4 + [0.0] * 28), scale=100.0)
+    assert bootstrap_ci(some, row_grid(32, 1)) == pytest.approx(tuple(100 * v for v in wilson_by_hand(4, 32)))
+
+
 def test_minimum_detectable_effect_by_hand():
     # (1.96 + 0.8416) * 0.5 / sqrt(32) = 0.2476
     assert min_detectable_effect(0.5, 32) == pytest.approx(Z * 0.5 / math.sqrt(32), rel=1e-6)

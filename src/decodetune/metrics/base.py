@@ -77,6 +77,8 @@ class MetricScores:
     stats: np.ndarray | None = None
     combine: Callable[[np.ndarray], float] | None = None
     corpus_fn: Callable[[np.ndarray], float] | None = None
+    #: What a "yes" row scores in a proportion metric (1, or 100 for a percentage); the Wilson CI uses it.
+    scale: float = 1.0
 
     def __post_init__(self) -> None:
         self.per_row = np.asarray(self.per_row, dtype=float)

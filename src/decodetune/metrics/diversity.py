@@ -173,7 +173,7 @@ def ends_in_repetition(tokens: Sequence[Hashable], min_phrase: int = 2, min_repe
 
 def repetition(inp: MetricInput) -> MetricScores:
     """% of generations ending in a repetition loop (0 or 100 per row)."""
-    return MetricScores(per_row=np.array([100.0 * ends_in_repetition(t) for t in _model_tokens(inp)]))
+    return MetricScores(per_row=np.array([100.0 * ends_in_repetition(t) for t in _model_tokens(inp)]), scale=100.0)
 
 
 # --------------------------------------------------------------------------------------------- Zipf

@@ -68,8 +68,9 @@ def bootstrap_ci(scores: MetricScores, grid: np.ndarray, n_boot: int = 1000, con
     """
     if n_boot <= 0 or grid.size < 2:
         return math.nan, math.nan
-    if not scores.is_corpus and grid.shape[1] == 1 and is_binary(scores.per_row):
-        return wilson_ci(int(scores.per_row.sum()), len(scores.per_row), confidence)
+    if not scores.is_corpus and grid.shape[1] == 1 and is_binary(scores.per_row / scores.scale):
+        lo, hi = wilson_ci(int(round(scores.per_row.sum() / scores.scale)), len(scores.per_row), confidence)
+        return lo * scores.scale, hi * scores.scale
     rng = np.random.default_rng(seed)
     w = bootstrap_weights(grid, n_boot, rng)
     return percentile_ci(scores.values(w), confidence)
