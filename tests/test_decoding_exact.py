@@ -11,15 +11,7 @@ from decodetune.models.handle import LoadedModel
 
 PROMPTS = ["The quick brown fox", "Once upon a time there was a small robot", "Paris", "What is 12 plus"]
 # A second, frequent EOS id makes sequences end early (and exercises several EOS ids: beams keep 3k candidates).
-EOS = [2, 116]
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_pair):
-    model, tok = tiny_pair
-    handle = LoadedModel(model, tok, name="tiny")
-    handle.eos_token_ids = list(EOS)
-    return handle
+from conftest import TINY_EOS as EOS  # noqa: E402
 
 
 def hf_generate(lm: LoadedModel, prompts: list[str], **kwargs) -> tuple[list[list[int]], list[float] | None]:

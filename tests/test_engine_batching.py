@@ -13,11 +13,10 @@ from decodetune import DecodingConfig
 from decodetune.decoding import engine, generate
 from decodetune.decoding.kvcache import fit, join, layers_of, take
 from decodetune.decoding.runner import ModelRunner
-from decodetune.models.handle import LoadedModel
 
 PROMPTS = ["The quick brown fox", "Once upon a time there was a small robot", "Paris", "What is 12 plus",
            "She sells sea shells"]
-EOS = [2, 116]  # 116 is frequent: rows end at different steps
+
 SAMPLE = DecodingConfig(strategy="sample", temperature=0.9, top_p=0.9, max_new_tokens=14)
 CONFIGS = [
     DecodingConfig(max_new_tokens=14),
@@ -27,14 +26,6 @@ CONFIGS = [
                    no_repeat_ngram_size=2, min_new_tokens=6, max_new_tokens=16),
     DecodingConfig(max_new_tokens=11, repetition_penalty=1.4, no_repeat_ngram_size=3),
 ]
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_pair):
-    model, tok = tiny_pair
-    handle = LoadedModel(model, tok, name="tiny")
-    handle.eos_token_ids = list(EOS)
-    return handle
 
 
 @pytest.fixture()

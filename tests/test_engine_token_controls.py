@@ -7,18 +7,9 @@ import torch
 
 from decodetune import DecodingConfig
 from decodetune.decoding import generate
-from decodetune.models.handle import LoadedModel
 
 PROMPTS = ["The quick brown fox", "Once upon a time there was a small robot", "Paris", "What is 12 plus"]
-EOS = [2, 116]
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_pair):
-    model, tok = tiny_pair
-    handle = LoadedModel(model, tok, name="tiny")
-    handle.eos_token_ids = list(EOS)
-    return handle
+from conftest import TINY_EOS as EOS  # noqa: E402
 
 
 def forward_logprobs(lm, prompt, token_ids):
