@@ -270,3 +270,34 @@ def test_worker_refuses_sqlite(workdir, tmp_path):
     code, err = run_cli("worker", "--storage", f"sqlite:///{tmp_path}/s.db", "--study-name", "s", "--task",
                         str(workdir / "task.jsonl"), "--model", str(workdir / "model"))
     assert code == 2 and "SQLite is not safe for parallel workers" in err
+
+
+def test_trial_killed_before_its_first_heartbeat_is_failed_and_retried(pg_db):
+    """A worker that dies between ask() and its first heartbeat leaves a RUNNING trial with no heartbeat
+    row, which Optuna's fail_stale_trials skips for ever (a grid study then waited for it for ever; seen
+    once in CI as test_killed_worker_trial_fails_and_is_retried hanging)."""
+    import optuna
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    from optuna.trial import TrialState
+
+    from decodetune.tuning.distributed import adopt_unbeaten_trials, reap_stale_trials
+
+    storage = RDBStorage(pg_db, heartbeat_interval=1, grace_period=1,
+                         heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
+    study = optuna.create_study(study_name=f"unbeaten-{uuid.uuid4().hex[:6]}", storage=storage)
+    dead = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})  # its worker "dies" here
+    live = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    storage.record_heartbeat(live._trial_id)  # a live worker beats right after asking
+    assert adopt_unbeaten_trials(study, grace_s=60) == []  # too young to tell
+    optuna.storages.fail_stale_trials(study)
+    assert study.trials[dead.number].state == TrialState.RUNNING  # what Optuna alone does: nothing, for ever
+    time.sleep(1.2)
+    assert adopt_unbeaten_trials(study, grace_s=1) == [dead._trial_id]  # the live one has a heartbeat
+    storage.record_heartbeat(live._trial_id)
+    time.sleep(1.2)
+    storage.record_heartbeat(live._trial_id)
+    reap_stale_trials(study)
+    states = {t.number: t.state for t in study.trials}
+    assert states[dead.number] == TrialState.FAIL and states[live.number] == TrialState.RUNNING
+    retry = [t for t in study.trials if t.system_attrs.get("failed_trial") == dead.number]
+    assert len(retry) == 1 and retry[0].state == TrialState.WAITING and retry[0].params == dead.params

@@ -27,6 +27,7 @@ import socket
 import threading
 import warnings
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -65,9 +66,43 @@ def reap_stale_trials(study: Any) -> None:
     if not has_heartbeat(study):
         _say_failed(fail_dead_trials(study))
         return
+    adopt_unbeaten_trials(study)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
+
+
+def adopt_unbeaten_trials(study: Any, grace_s: float = GRACE_PERIOD) -> list[int]:
+    """Give a first heartbeat to RUNNING trials that never had one and started over ``grace_s`` ago.
+
+    A worker killed between asking a trial and its first heartbeat (a few milliseconds) leaves a RUNNING
+    trial with no heartbeat row, which Optuna's ``fail_stale_trials`` skips for ever; a grid study then waits
+    for it for ever. A live worker beats right after asking, so such a trial is dead: with this heartbeat it
+    goes stale one grace period later and takes the normal path (failed, retried by the callback).
+    """
+    from optuna.storages import RDBStorage
+    from optuna.storages._rdb import models
+    from optuna.trial import TrialState
+
+    storage = getattr(study._storage, "_backend", study._storage)
+    if not isinstance(storage, RDBStorage):
+        return []
+    now = datetime.now()  # Optuna stamps datetime_start with the asking machine's naive local time
+    session = storage.scoped_session()
+    try:
+        running = (session.query(models.TrialModel)
+                   .filter(models.TrialModel.study_id == study._study_id)
+                   .filter(models.TrialModel.state == TrialState.RUNNING).all())
+        rows = [(t.trial_id, t.datetime_start) for t in running if not t.heartbeats]
+    finally:
+        storage.scoped_session.remove()
+    adopted = [tid for tid, start in rows if start is not None and (now - start).total_seconds() > grace_s]
+    for trial_id in adopted:
+        storage.record_heartbeat(trial_id)
+        log.warning("trial id %d has had no heartbeat since it started: its worker died; it is failed and "
+                    "retried after the grace period", trial_id)
+    return adopted
+
 
 
 def _start_time(pid: int) -> str:
