@@ -87,15 +87,15 @@ def adopt_unbeaten_trials(study: Any, grace_s: float = GRACE_PERIOD) -> list[int
     storage = getattr(study._storage, "_backend", study._storage)
     if not isinstance(storage, RDBStorage):
         return []
+    from optuna.storages._rdb.storage import _create_scoped_session
+
     now = datetime.now()  # Optuna stamps datetime_start with the asking machine's naive local time
-    session = storage.scoped_session()
-    try:
+    # Optuna's own session handling: rollback on error, a lost connection surfaces as StorageInternalError
+    with _create_scoped_session(storage.scoped_session) as session:
         running = (session.query(models.TrialModel)
                    .filter(models.TrialModel.study_id == study._study_id)
                    .filter(models.TrialModel.state == TrialState.RUNNING).all())
         rows = [(t.trial_id, t.datetime_start) for t in running if not t.heartbeats]
-    finally:
-        storage.scoped_session.remove()
     adopted = [tid for tid, start in rows if start is not None and (now - start).total_seconds() > grace_s]
     for trial_id in adopted:
         storage.record_heartbeat(trial_id)
@@ -295,12 +295,13 @@ def storage_failure(error: BaseException, url: str | None) -> str | None:
     import sqlalchemy.exc
     from optuna.exceptions import StorageInternalError
 
-    lost = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
-    # Optuna wraps a failed commit in StorageInternalError: the dropped connection is its cause. Nothing
-    # else is unwrapped (a UserError such as "cannot open" already says what happened).
+    # a session that outlived its connection says PendingRollbackError on its next use
+    lost = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.PendingRollbackError)
+    # Optuna wraps a failed commit in StorageInternalError: the dropped connection is its cause (or its
+    # cause's context). Nothing else is unwrapped (a UserError such as "cannot open" already says what happened).
     if isinstance(error, StorageInternalError):
-        error = error.__cause__ or error.__context__
-    if not isinstance(error, lost):
+        error = _lost_in_chain(error, lost) or error
+    if not isinstance(error, lost) and not getattr(error, "connection_invalidated", False):
         return None
     from decodetune.tuning.study import _redact
 
@@ -308,3 +309,15 @@ def storage_failure(error: BaseException, url: str | None) -> str | None:
     reason = str(getattr(error, "orig", error)).strip().splitlines()[0] if str(error).strip() else "no reason"
     return (f"storage: lost the connection to {where} ({reason}); completed trials are saved, and re-running "
             "the same command continues the study")
+
+
+def _lost_in_chain(error: BaseException, lost: tuple[type, ...]) -> BaseException | None:
+    """The first lost-connection error among ``error``'s causes and contexts."""
+    seen: set[int] = set()
+    e: BaseException | None = error.__cause__ or error.__context__
+    while e is not None and id(e) not in seen:
+        if isinstance(e, lost) or getattr(e, "connection_invalidated", False):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
