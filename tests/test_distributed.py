@@ -304,3 +304,28 @@ def test_trial_killed_before_its_first_heartbeat_is_failed_and_retried(pg_db):
     assert states[dead.number] == TrialState.FAIL and states[live.number] == TrialState.RUNNING
     retry = [t for t in study.trials if t.system_attrs.get("failed_trial") == dead.number]
     assert len(retry) == 1 and retry[0].state == TrialState.WAITING and retry[0].params == dead.params
+
+
+def test_storage_failure_finds_the_lost_connection_in_the_cause_chain():
+    """Optuna wraps what a dropped connection raised in StorageInternalError; the lost connection can sit
+    one level down (a rollback that failed too) or be a PendingRollbackError; other errors stay as they are."""
+    import sqlalchemy.exc
+    from optuna.exceptions import StorageInternalError
+
+    from decodetune.tuning.distributed import storage_failure
+
+    def wrapped(cause: BaseException) -> StorageInternalError:
+        try:
+            raise StorageInternalError("An exception is raised during the commit.") from cause
+        except StorageInternalError as e:
+            return e
+
+    dropped = sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("server closed the connection"))
+    deeper = ValueError("while rolling back")
+    deeper.__context__ = dropped
+    pending = sqlalchemy.exc.PendingRollbackError("Can't reconnect until invalid transaction is rolled back")
+    for cause in (dropped, deeper, pending):
+        line = storage_failure(wrapped(cause), "postgresql://user:secret@db/x")
+        assert line is not None and line.startswith("storage: lost the connection") and "secret" not in line
+    assert storage_failure(wrapped(sqlalchemy.exc.DataError("x", {}, Exception("too long"))), None) is None
+    assert storage_failure(ValueError("not a storage error"), None) is None
