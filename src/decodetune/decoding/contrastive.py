@@ -33,7 +33,7 @@ import torch
 from decodetune.config import DecodingConfig
 from decodetune.decoding.beam import Hypothesis
 from decodetune.decoding.processors import RowParams, TokenState, apply_processors
-from decodetune.decoding.runner import ModelRunner
+from decodetune.decoding.runner import ModelRunner, left_pad
 from decodetune.decoding.stopping import RowStopper, StopStrings
 
 
@@ -65,14 +65,7 @@ def forward_hidden(runner: ModelRunner, input_ids: torch.Tensor, mask: torch.Ten
 def _prefill(runner: ModelRunner, prompts: Sequence[Sequence[int]],
              pad: int) -> tuple[torch.Tensor, torch.Tensor, Any, torch.Tensor]:
     """Left-padded prefill as :meth:`ModelRunner.prefill`, keeping every position's hidden state."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
-        mask[i, width - len(p):] = 1
-    ids, mask = ids.to(runner.device), mask.to(runner.device)
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    ids, mask, positions = left_pad(prompts, pad, runner.device)
     cache = runner.new_cache()
     logits, hidden = forward_hidden(runner, ids, mask, positions, cache)
     return logits, hidden, cache, mask

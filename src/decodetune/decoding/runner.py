@@ -49,14 +49,7 @@ class ModelRunner:
     def prefill(self, prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, Any,
                                                                                      torch.Tensor, torch.Tensor]:
         """Left-pad ``prompts`` and run them; returns (last logits, cache, attention mask, next positions)."""
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
-            mask[i, width - len(p):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        ids, mask, positions = left_pad(prompts, pad_token_id, self.device)
         cache = self.new_cache()
         logits = self.forward(ids, mask, positions, cache)
         return logits, cache, mask, mask.sum(-1)
@@ -66,3 +59,16 @@ class ModelRunner:
         """Feed one token per row; returns (logits, the attention mask grown by one column)."""
         mask = torch.cat([attention_mask, attention_mask.new_ones((attention_mask.shape[0], 1))], dim=1)
         return self.forward(tokens.unsqueeze(1), mask, next_positions.unsqueeze(1), cache), mask
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int,
+             device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, attention mask, position ids) of ``prompts`` left-padded to the longest, on ``device``."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    return ids, mask, (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
