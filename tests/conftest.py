@@ -60,6 +60,15 @@ def tiny_pair(tiny_tokenizer):
 TINY_EOS = [2, 116]
 
 
+def forward_logprobs(lm, prompt, token_ids):
+    """log_softmax of a plain teacher-forced forward pass at each generated position."""
+    ids = torch.tensor([lm.encode(prompt) + token_ids])
+    with torch.no_grad():
+        logp = lm.model(ids).logits[0].float().log_softmax(-1)
+    n = len(lm.encode(prompt))
+    return logp[n - 1:n - 1 + len(token_ids)]
+
+
 @pytest.fixture(scope="module")
 def lm(tiny_pair):
     """The tiny model as a LoadedModel with two EOS ids (:data:`TINY_EOS`)."""

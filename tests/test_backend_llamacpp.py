@@ -64,6 +64,11 @@ def reference_tokens(bare, prompt_ids: list[int], flags: list[str], n_new: int) 
         elif name == "typ_p":
             chain.add_typical(float(opt["--typical"]), 1)
     chain.add_greedy() if temp <= 0 else chain.add_dist(int(opt["--seed"]))
+    return decode_with_chain(bare, chain, prompt_ids, n_new)
+
+
+def decode_with_chain(bare, chain, prompt_ids: list[int], n_new: int) -> list[int]:
+    """Bare llama-cpp-python: the prompt through ``chain`` (its penalties see it), then up to ``n_new`` draws."""
     bare.reset()
     bare._ctx.kv_cache_clear()
     bare.eval(prompt_ids)

@@ -19,6 +19,7 @@ from decodetune.config import DecodingConfig
 from decodetune.errors import UserError
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[llamacpp]')")
+from test_backend_llamacpp import decode_with_chain  # noqa: E402
 
 N_CTX = 512
 FRANCE = "What is the capital of France?"
@@ -112,20 +113,7 @@ def reference_chain(bare, flags: list[str]):
 
 def reference_tokens(bare, prompt_ids: list[int], flags: list[str], n_new: int) -> list[int]:
     """Decode one sequence with the reference chain for ``flags``."""
-    chain = reference_chain(bare, flags)
-    bare.reset()
-    bare._ctx.kv_cache_clear()
-    bare.eval(prompt_ids)
-    for tok in prompt_ids:
-        chain.accept(tok)
-    out: list[int] = []
-    while len(out) < n_new:
-        tok = chain.sample(bare._ctx, -1)
-        out.append(tok)
-        if llama_cpp.llama_vocab_is_eog(bare._model.vocab, tok):
-            break
-        bare.eval([tok])
-    return out
+    return decode_with_chain(bare, reference_chain(bare, flags), prompt_ids, n_new)
 
 
 def run(backend, prompt: str, **fields) -> list[int]:

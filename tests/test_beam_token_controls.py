@@ -12,7 +12,9 @@ from decodetune.decoding import generate
 from decodetune.models.handle import LoadedModel
 
 PROMPTS = ["The quick brown fox", "Once upon a time there was a small robot", "Paris", "What is 12 plus"]
-EOS = [2, 116]
+from conftest import TINY_EOS as EOS  # noqa: E402
+from conftest import forward_logprobs  # noqa: E402
+
 BEAM = DecodingConfig(strategy="beam", num_beams=3, max_new_tokens=20)
 
 
@@ -22,15 +24,6 @@ def lm(tiny_pair):
     handle = LoadedModel(model, tok, name="tiny")
     handle.eos_token_ids = list(EOS)
     return handle
-
-
-def forward_logprobs(lm, prompt, token_ids):
-    """log_softmax of a plain teacher-forced forward pass at each generated position."""
-    ids = torch.tensor([lm.encode(prompt) + token_ids])
-    with torch.no_grad():
-        logp = lm.model(ids).logits[0].float().log_softmax(-1)
-    n = len(lm.encode(prompt))
-    return logp[n - 1:n - 1 + len(token_ids)]
 
 
 def a_stop_token(lm, prompt, cfg):

@@ -3,22 +3,13 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from decodetune import DecodingConfig
 from decodetune.decoding import generate
 
 PROMPTS = ["The quick brown fox", "Once upon a time there was a small robot", "Paris", "What is 12 plus"]
 from conftest import TINY_EOS as EOS  # noqa: E402
-
-
-def forward_logprobs(lm, prompt, token_ids):
-    """log_softmax of a plain teacher-forced forward pass at each generated position."""
-    ids = torch.tensor([lm.encode(prompt) + token_ids])
-    with torch.no_grad():
-        logp = lm.model(ids).logits[0].float().log_softmax(-1)
-    n = len(lm.encode(prompt))
-    return logp[n - 1:n - 1 + len(token_ids)]
+from conftest import forward_logprobs  # noqa: E402
 
 
 def test_ignore_eos_runs_to_max_new_tokens(lm):
