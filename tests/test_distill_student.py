@@ -9,7 +9,7 @@ import torch
 
 from conftest import build_tiny_model
 from decodetune.errors import UserError
-from decodetune.train.distill.norms import MaskedBatchNorm
+from decodetune.models.norms import MaskedBatchNorm
 from decodetune.train.distill.student import (
     StudentSpec,
     build_student,

@@ -190,7 +190,7 @@ def _patch_hook(model: Any, path: str | Path) -> None:
     """Let students saved by ``decodetune distill`` with a non-RMSNorm normalisation load correctly."""
     if getattr(model.config, "decodetune_norm", None) in (None, "rmsnorm"):
         return
-    from decodetune.train.distill.student import maybe_patch_norm  # optional, only for such students
+    from decodetune.models.norms import maybe_patch_norm  # only such students need it
 
     maybe_patch_norm(model, path)
 

@@ -11,14 +11,21 @@ documents this, and ``benchmarks/distill.py`` measures it.
 
 The padding mask reaches the BatchNorm layers through a forward pre-hook on the decoder
 (:func:`install_mask_hook`), which copies the ``attention_mask`` argument onto every BatchNorm layer.
+
+It lives in ``models/`` because the model loaders need :func:`maybe_patch_norm`; ``train.distill`` builds
+students on top of it.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from decodetune.errors import UserError
 
 NORMS = ("rmsnorm", "layernorm", "batchnorm")
 
@@ -168,3 +175,49 @@ def install_mask_hook(model: nn.Module) -> None:
 def norm_kind(config: Any) -> str:
     """The norm a (student) config declares; stock configs are ``rmsnorm``."""
     return str(getattr(config, NORM_CONFIG_FIELD, None) or "rmsnorm")
+
+
+def _safetensors_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / s for s in shards]
+    single = model_dir / "model.safetensors"
+    return [single] if single.exists() else []
+
+
+def maybe_patch_norm(model: nn.Module, model_dir: str | Path | None) -> nn.Module:
+    """Turn a just-loaded decodetune student with a non-RMSNorm norm into the model it was trained as.
+
+    No-op for stock configs (no ``decodetune_norm`` field, or ``rmsnorm``). Otherwise the RMSNorm
+    modules that ``from_pretrained`` built are replaced by LayerNorm / MaskedBatchNorm and their
+    tensors (weight, bias, running statistics) are read from the directory's safetensors files.
+    Returns the model (patched in place).
+    """
+    kind = norm_kind(model.config)
+    if kind == "rmsnorm":
+        return model
+    if kind not in NORMS:
+        raise UserError(f"{model_dir}: config.json {NORM_CONFIG_FIELD}={kind!r} is not one of {', '.join(NORMS)}")
+    if model_dir is None:
+        raise UserError(f"a {kind} student needs its directory to load the norm tensors")
+    from safetensors import safe_open
+
+    norm_names = [name for name, mod in model.named_modules() if _is_rmsnorm(mod)]
+    was_training = model.training
+    swap_norms(model, kind, copy_weight=False)
+    state = model.state_dict()
+    wanted = {k for k in state if any(k.startswith(n + ".") for n in norm_names)}
+    found: dict[str, torch.Tensor] = {}
+    for f in _safetensors_files(Path(model_dir)):
+        with safe_open(str(f), framework="pt") as st:
+            for k in wanted.intersection(st.keys()):
+                found[k] = st.get_tensor(k)
+    missing = sorted(wanted - found.keys())
+    if missing:
+        raise UserError(f"{model_dir}: safetensors lack {len(missing)} {kind} tensors (first: {missing[0]})")
+    with torch.no_grad():
+        for k, v in found.items():
+            state[k].copy_(v.to(dtype=state[k].dtype) if v.is_floating_point() else v)
+    model.train(was_training)
+    return model

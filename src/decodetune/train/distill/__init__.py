@@ -1,9 +1,9 @@
 """Knowledge distillation: a teacher LM into a smaller Llama student that shares its tokenizer.
 
 * :mod:`.losses` — forward KL, reverse KL, generalized JSD (GKD), CE mix, per completion token.
-* :mod:`.student` — student spec (YAML), layer extraction / random init, save / load,
-  :func:`~.student.maybe_patch_norm` (what model loaders call for layernorm / batchnorm students).
-* :mod:`.norms` — LayerNorm and padding-aware :class:`~.norms.MaskedBatchNorm` swapped in for RMSNorm.
+* :mod:`.student` — student spec (YAML), layer extraction / random init, save / load.
+* :mod:`decodetune.models.norms` (a lower layer, since model loaders need it) — LayerNorm and padding-aware
+  ``MaskedBatchNorm`` swapped in for RMSNorm, and ``maybe_patch_norm`` for loading such students.
 * :mod:`.data` — prompt rows (with an ``augment(rows) -> rows`` hook), teacher / on-policy sampling,
   padding and completion masks, the teacher-logit cache.
 * :mod:`.trainer` — :func:`~.trainer.distill`: DDP (gloo / nccl), gradient accumulation, checkpoints

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from decodetune.config import DecodingConfig
+from decodetune.models.norms import MaskedBatchNorm
 from decodetune.train.distill.data import (
     Example,
     TeacherLogitCache,
@@ -31,7 +32,6 @@ from decodetune.train.distill.data import (
     sample_completions,
 )
 from decodetune.train.distill.losses import forward_kl
-from decodetune.train.distill.norms import MaskedBatchNorm
 
 
 class _BatchStatsMode:

@@ -22,7 +22,6 @@ read; never pickle.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import shutil
 import tempfile
@@ -35,7 +34,7 @@ import yaml
 from torch import nn
 
 from decodetune.errors import UserError
-from decodetune.train.distill.norms import NORM_CONFIG_FIELD, NORMS, _is_rmsnorm, norm_kind, swap_norms
+from decodetune.models.norms import NORM_CONFIG_FIELD, NORMS, maybe_patch_norm, swap_norms
 
 INITS = ("extract", "random")
 _ALIASES = {"num_layers": "num_hidden_layers", "layers": "num_hidden_layers", "heads": "num_attention_heads",
@@ -202,52 +201,6 @@ def non_embedding_params(model: nn.Module) -> int:
         seen.add(id(p))
         total += p.numel()
     return total
-
-
-def _safetensors_files(model_dir: Path) -> list[Path]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [model_dir / s for s in shards]
-    single = model_dir / "model.safetensors"
-    return [single] if single.exists() else []
-
-
-def maybe_patch_norm(model: nn.Module, model_dir: str | Path | None) -> nn.Module:
-    """Turn a just-loaded decodetune student with a non-RMSNorm norm into the model it was trained as.
-
-    No-op for stock configs (no ``decodetune_norm`` field, or ``rmsnorm``). Otherwise the RMSNorm
-    modules that ``from_pretrained`` built are replaced by LayerNorm / MaskedBatchNorm and their
-    tensors (weight, bias, running statistics) are read from the directory's safetensors files.
-    Returns the model (patched in place).
-    """
-    kind = norm_kind(model.config)
-    if kind == "rmsnorm":
-        return model
-    if kind not in NORMS:
-        raise UserError(f"{model_dir}: config.json {NORM_CONFIG_FIELD}={kind!r} is not one of {', '.join(NORMS)}")
-    if model_dir is None:
-        raise UserError(f"a {kind} student needs its directory to load the norm tensors")
-    from safetensors import safe_open
-
-    norm_names = [name for name, mod in model.named_modules() if _is_rmsnorm(mod)]
-    was_training = model.training
-    swap_norms(model, kind, copy_weight=False)
-    state = model.state_dict()
-    wanted = {k for k in state if any(k.startswith(n + ".") for n in norm_names)}
-    found: dict[str, torch.Tensor] = {}
-    for f in _safetensors_files(Path(model_dir)):
-        with safe_open(str(f), framework="pt") as st:
-            for k in wanted.intersection(st.keys()):
-                found[k] = st.get_tensor(k)
-    missing = sorted(wanted - found.keys())
-    if missing:
-        raise UserError(f"{model_dir}: safetensors lack {len(missing)} {kind} tensors (first: {missing[0]})")
-    with torch.no_grad():
-        for k, v in found.items():
-            state[k].copy_(v.to(dtype=state[k].dtype) if v.is_floating_point() else v)
-    model.train(was_training)
-    return model
 
 
 def load_student(model_dir: str | Path, device: str | torch.device | None = None) -> tuple[nn.Module, Any]:
