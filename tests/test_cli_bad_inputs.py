@@ -323,3 +323,27 @@ def test_output_is_spelled_out_and_output_everywhere():
                 writers += 1
                 assert {"--out", "--output"} <= set(param.opts), (name, param.opts)
     assert writers >= 10
+
+
+@pytest.mark.parametrize("storage", [None, "sqlite:///{tmp}/db/s.db", "{tmp}/j/s.journal"])
+def test_a_model_that_cannot_be_resolved_leaves_no_storage_behind(storage, tmp_path, monkeypatch, capsys):
+    """The storage opens before the model (a bad URL fails fast); a bad model then removes what it created."""
+    monkeypatch.chdir(tmp_path)
+    args = ["tune", "--model", NO_MODEL, "--task", "arith", "--trials", "1", "--out", str(tmp_path / "out")]
+    if storage is not None:
+        args += ["--storage", storage.replace("{tmp}", str(tmp_path))]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: model") and "could not be resolved" in err and "\n" not in err
+    assert _tree(tmp_path) == set(), "files left behind"
+
+
+def test_a_bad_model_leaves_an_existing_study_alone(tmp_path, monkeypatch, capsys):
+    import optuna
+
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{tmp_path}/s.db"
+    optuna.create_study(storage=url, study_name="kept")
+    assert main(["tune", "--model", NO_MODEL, "--task", "arith", "--storage", url, "--out", str(tmp_path)]) == 2
+    capsys.readouterr()
+    assert [s.study_name for s in optuna.get_all_study_summaries(url, include_best_trial=False)] == ["kept"]

@@ -31,6 +31,7 @@ from decodetune.tuning.runner import (
 from decodetune.tuning.space import SearchSpace, check_space_against, default_space_for, load_space
 from decodetune.tuning.study import (
     default_study_name,
+    discard_unused,
     make_pruner,
     make_sampler,
     open_study,
@@ -145,7 +146,11 @@ def tune(model: Any, task: Any, *, search: str = "tpe", n_trials: int = 20,
 
     from decodetune.backends import open_backend
 
-    loaded = backend if options is None else open_backend(model, options)
+    try:
+        loaded = backend if options is None else open_backend(model, options)
+    except BaseException:
+        discard_unused(info)  # a bad --model leaves no empty study.db behind
+        raise
     space_obj = _resolve_space(space_obj if space is not None else None, search, loaded.capabilities(),
                                loaded.name, task)
     if search == "grid":

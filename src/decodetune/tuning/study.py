@@ -33,6 +33,30 @@ class StorageInfo:
     storage: Any  # str URL or optuna BaseStorage
     url: str  # what to give optuna-dashboard / `decodetune report`
     cache_path: Path
+    #: what opening it created: a new database / journal file and the folders made for it (deepest first)
+    created: tuple[Path, ...] = ()
+
+
+def discard_unused(info: StorageInfo) -> None:
+    """Remove the file storage and folders that opening ``info`` created, if no study has been stored in it
+    yet (why: a run that fails before its first trial, e.g. on a bad --model, leaves nothing behind)."""
+    if not info.created:
+        return
+    import optuna
+
+    try:
+        if optuna.get_all_study_summaries(info.storage, include_best_trial=False):
+            return
+    except Exception:  # noqa: BLE001 - unreadable: leave it as it is
+        return
+    dispose = getattr(getattr(info.storage, "engine", None), "dispose", None)
+    if dispose is not None:
+        dispose()  # SQLite: close the connections before the file goes
+    files = [p for p in info.created if not p.is_dir()]
+    for path in files:
+        for extra in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            extra.unlink(missing_ok=True)
+    _remove_created([p for p in info.created if p not in files])
 
 
 def _redact(url: str) -> str:
@@ -74,19 +98,22 @@ def _open_storage(storage: str, out_dir: Path, created: list[Path]) -> StorageIn
             raise UserError(f"storage: {storage!r} is neither an Optuna storage URL (sqlite:///file.db, "
                             "postgresql://...) nor a journal file (*.journal, *.log)")
         created += _make_dirs(path.parent)
+        new = [] if path.exists() else [path.resolve()]
         st = JournalStorage(JournalFileBackend(str(path)))
-        return StorageInfo(st, str(path), path.with_name(path.stem + ".cache.sqlite"))
+        return StorageInfo(st, str(path), path.with_name(path.stem + ".cache.sqlite"), (*new, *created))
     db = sqlite_file(storage)
+    new: list[Path] = []
     if db is not None:
         created += _make_dirs(db.parent)  # one rule for missing folders: create them
         cache = db.with_name(db.stem + ".cache.sqlite")
+        new = [] if db.exists() else [db.resolve()]
     else:
         cache = out_dir / "cache.sqlite"
     from decodetune.tuning.distributed import heartbeat_kwargs
 
     st = RDBStorage(storage, engine_kwargs=_engine_kwargs(storage), **heartbeat_kwargs(storage))
     created += _make_dirs(out_dir)  # only once the storage opened: a bad URL leaves no empty --out
-    return StorageInfo(st, storage, cache)
+    return StorageInfo(st, storage, cache, (*new, *created))
 
 
 def sqlite_file(url: str) -> Path | None:
