@@ -30,6 +30,7 @@ CONFIGS: dict[str, dict] = {
     "top-nσ 1.0": {"top_n_sigma": 1.0},
     "mirostat v1": {"mirostat": 1},
     "mirostat v2": {"mirostat": 2},
+    "adaptive-p 0.3, min-p 0.05": {"adaptive_target": 0.3, "min_p": 0.05},
     "dynatemp 0.5 + top-p": {"top_p": 0.95, "dynatemp_range": 0.5},
     "penalties, window 64 + top-p": {"top_p": 0.95, "repetition_penalty": 1.1, "frequency_penalty": 0.2,
                                      "penalty_last_n": 64},

@@ -107,7 +107,13 @@ def reference_chain(bare, flags: list[str]):
             chain.add_top_n_sigma(f("--top-nsigma", -1.0))
         elif name == "xtc":
             chain.add_xtc(f("--xtc-probability", 0.0), f("--xtc-threshold", 0.1), 1, seed)
-    chain.add_greedy() if temp <= 0 else chain.add_dist(seed)
+    if temp <= 0:
+        chain.add_greedy()
+    elif "adaptive_p" in opt.get("--samplers", DEFAULT_CHAIN).split(";"):  # last, in place of dist
+        llama_cpp.llama_sampler_chain_add(chain.sampler, llama_cpp.llama_sampler_init_adaptive_p(
+            f("--adaptive-target", -1.0), f("--adaptive-decay", 0.9), seed))
+    else:
+        chain.add_dist(seed)
     return chain
 
 
@@ -156,7 +162,8 @@ def test_dry_changes_a_repetitive_greedy_output(backend, bare):
     {"mirostat": 1, "mirostat_tau": 3.0, "mirostat_eta": 0.2},
     {"dynatemp_range": 0.7, "dynatemp_exponent": 1.5},
     {"dry_multiplier": 1.0, "dry_sequence_breakers": ["."], "repetition_penalty": 1.3, "penalty_last_n": 8},
-], ids=["xtc", "top_n_sigma", "mirostat2", "mirostat1", "dynatemp", "dry_window"])
+    {"adaptive_target": 0.2, "adaptive_decay": 0.8, "min_p": 0.02},
+], ids=["xtc", "top_n_sigma", "mirostat2", "mirostat1", "dynatemp", "dry_window", "adaptive_p"])
 def test_sampler_matches_reference_and_changes_the_draw(backend, bare, fields):
     base = {"strategy": "sample", "temperature": 1.2, "seed": 11, "max_new_tokens": 16}
     plain = run(backend, FRANCE, **base)

@@ -32,6 +32,9 @@ from decodetune.export import ExportError
         ({"top_k": 2.5}, "top_k"),
         ({"temperature": "hot"}, "temperature"),
         ({"num_beams": 4}, "num_beams"),  # greedy has no beams
+        ({"adaptive_target": 1.5}, "adaptive_target"),
+        ({"adaptive_decay": 1.0}, "adaptive_decay"),  # llama.cpp would clamp it to 0.99 in silence
+        ({"adaptive_decay": -0.1}, "adaptive_decay"),
     ],
 )
 def test_invalid_field_is_named(kwargs, field):
@@ -139,3 +142,13 @@ def test_vllm_refuses_an_order_it_cannot_reproduce():
     ok = DecodingConfig(strategy="sample", top_p=0.9, min_p=0.1,
                         sampler_order=["temperature", "min_p", "top_k", "top_p"]).to_vllm()
     assert ok["min_p"] == 0.1 and ok["top_k"] == -1
+
+
+def test_adaptive_target_below_zero_is_off_and_its_decay_then_unread():
+    from decodetune.config_checks import unread_fields
+
+    cfg = DecodingConfig(strategy="sample", adaptive_target=-0.5, adaptive_decay=0.5)
+    assert cfg.adaptive_target == -1.0 and "adaptive_decay" in unread_fields(cfg)
+    on = DecodingConfig(strategy="sample", adaptive_target=0.0)  # 0 is a target (llama.cpp: < 0 is off)
+    assert on.adaptive_target == 0.0 and "adaptive_decay" not in unread_fields(on)
+    assert {"adaptive_target", "adaptive_decay"} <= unread_fields(on.replace(mirostat=2))

@@ -221,6 +221,8 @@ JOINING = {
     "xtc": DecodingConfig(strategy="sample", xtc_probability=0.7, xtc_threshold=0.05, max_new_tokens=9),
     "top_n_sigma": DecodingConfig(strategy="sample", temperature=1.3, top_n_sigma=1.0, max_new_tokens=12),
     "dynatemp": DecodingConfig(strategy="sample", dynatemp_range=0.6, dynatemp_exponent=1.5, max_new_tokens=10),
+    "adaptive_p": DecodingConfig(strategy="sample", adaptive_target=0.2, adaptive_decay=0.7, min_p=0.02,
+                                 max_new_tokens=13),
 }
 
 
@@ -253,5 +255,5 @@ def _neutral(config: DecodingConfig, name: str) -> DecodingConfig:
     fields = {"penalty_last_n": ["penalty_last_n"], "dry": ["dry_multiplier"], "dry_window": ["dry_multiplier"],
               "bad_words": ["bad_words"], "mirostat": ["mirostat"], "mirostat_v1": ["mirostat"],
               "stop_token_ids": ["min_new_tokens"], "xtc": ["xtc_probability"], "top_n_sigma": ["top_n_sigma"],
-              "dynatemp": ["dynatemp_range"]}[name]
+              "dynatemp": ["dynatemp_range"], "adaptive_p": ["adaptive_target"]}[name]
     return config.replace(**{f: getattr(DecodingConfig(), f) for f in fields})

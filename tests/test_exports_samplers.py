@@ -112,6 +112,23 @@ def test_llamacpp_server_body():
             export.to_llamacpp_server(cfg(**{field: value}))
 
 
+def test_adaptive_p_goes_last_in_the_chain_in_place_of_dist():
+    """llama.cpp adds adaptive-p last (instead of dist) when --samplers names it, with its two flags."""
+    c = cfg(adaptive_target=0.3, adaptive_decay=0.8, min_p=0.05, sampler_order=["min_p", "temperature"])
+    p = pairs(c.to_llamacpp())
+    assert ("--adaptive-target", "0.3") in p and ("--adaptive-decay", "0.8") in p
+    assert dict(p)["--samplers"].split(";")[-1] == "adaptive_p"
+    body = export.to_llamacpp_server(c)
+    assert body["samplers"][-1] == "adaptive_p" and (body["adaptive_target"], body["adaptive_decay"]) == (0.3, 0.8)
+    off = cfg(adaptive_decay=0.5)  # target off: the decay is unread, nothing is written
+    assert "--adaptive-decay" not in off.to_llamacpp() and "adaptive_decay" not in export.to_llamacpp_server(off)
+    with_mirostat = cfg(mirostat=2, adaptive_target=0.3)  # llama.cpp's mirostat chain has no adaptive-p
+    assert "--adaptive-target" not in with_mirostat.to_llamacpp()
+    for target in ("vllm", "openai", "ollama", "hf"):
+        with pytest.raises(ExportError, match="^adaptive_target: "):
+            getattr(export, f"to_{target}")(cfg(adaptive_target=0.3))
+
+
 # ------------------------------------------------------------------------------------------------ vLLM / OpenAI
 def test_vllm_token_controls_and_refusals():
     kw = cfg(logit_bias={5: -100.0}, bad_words=["foo bar"], stop_token_ids=[2, 3], ignore_eos=True,
@@ -228,6 +245,8 @@ CHANGES: dict[str, tuple[dict, dict]] = {
     "mirostat_tau": ({"mirostat": 2}, {"mirostat_tau": 4.0}), "mirostat_eta": ({"mirostat": 2}, {"mirostat_eta": 0.2}),
     "dynatemp_range": ({}, {"dynatemp_range": 0.5}),
     "dynatemp_exponent": ({"dynatemp_range": 0.5}, {"dynatemp_exponent": 2.0}),
+    "adaptive_target": ({}, {"adaptive_target": 0.3}),
+    "adaptive_decay": ({"adaptive_target": 0.3}, {"adaptive_decay": 0.5}),
     "logit_bias": ({}, {"logit_bias": {5: -100.0}}), "bad_words": ({}, {"bad_words": ["foo"]}),
     "stop_token_ids": ({}, {"stop_token_ids": [5]}), "ignore_eos": ({}, {"ignore_eos": True}),
     "top_logprobs": ({}, {"top_logprobs": 5}), "num_return_sequences": ({}, {"num_return_sequences": 2}),

@@ -329,6 +329,54 @@ def test_mirostat_v1_matches_llama_step_by_step():
     assert len(set(sizes)) > 3
 
 
+# ------------------------------------------------------------- adaptive-p, several steps, the same tokens fed to both
+def _adaptive_p_steps(target: float, decay: float, truncate: bool, steps: int = 12, vocab: int = 2000):
+    """llama.cpp's [min_p ->] temp -> adaptive_p for ``steps`` steps; ours follows with llama.cpp's drawn tokens,
+    so the moving average of both must agree for the transformed distributions to keep agreeing."""
+    from decodetune.decoding import llama_samplers as LS
+    from llama_ref import rows_of, state_of
+
+    temp = 0.9
+    head = ([L.llama_sampler_init_min_p(0.05, 1)] if truncate else []) + [L.llama_sampler_init_temp(temp)]
+    adaptive = L.llama_sampler_init_adaptive_p(target, decay, 42)
+    order = ["min_p", "temperature"] if truncate else ["temperature"]
+    cfg = sample_cfg(adaptive_target=target, adaptive_decay=decay, temperature=temp,
+                     min_p=0.05 if truncate else 0.0, sampler_order=order)
+    rows = rows_of([cfg])
+    state = state_of(rows, [[1]], [[]], vocab)
+    picked = []
+    for step in range(steps):
+        z = logits_of("zipf" if step % 3 else "peaked", vocab, seed=200 + step)
+        ref = llama_apply([*head, adaptive], z)
+        # the chain before adaptive-p (apply_samplers refuses a token-selecting stage: beam search uses it)
+        shaped = ours_samplers([cfg.replace(adaptive_target=-1.0)], torch.from_numpy(z).unsqueeze(0))
+        ws, tw = state.per_row["adaptive_weighted_sum"], state.per_row["adaptive_total_weight"]
+        ours_logits, original = LS.adaptive_p(shaped, rows, ws, tw)
+        assert_same(ours_result(ours_logits[0]), ref)
+        L.llama_sampler_accept(adaptive, ref.selected)
+        LS.update_adaptive_p(state, [0], original, torch.tensor([ref.selected]), rows)
+        picked.append(float(original[0, ref.selected]))
+    free(*head, adaptive)
+    return picked
+
+
+@pytest.mark.parametrize("target,decay,truncate", [(0.3, 0.9, False), (0.1, 0.5, True), (0.7, 0.0, False),
+                                                   (0.0, 0.99, True)])
+def test_adaptive_p_matches_llama_step_by_step(target, decay, truncate):
+    picked = _adaptive_p_steps(target, decay, truncate)
+    assert len(set(picked)) > 3  # different tokens drawn, so the average moved
+
+
+def test_adaptive_p_off_leaves_the_distribution_alone():
+    from decodetune.decoding import llama_samplers as LS
+    from llama_ref import rows_of
+
+    rows = rows_of([sample_cfg(), sample_cfg(adaptive_target=0.5)])
+    z = torch.from_numpy(np.stack([logits_of("zipf"), logits_of("zipf")]))
+    out, _ = LS.adaptive_p(z, rows, torch.tensor([0.0, 5.0]), torch.tensor([10.0, 10.0]))
+    assert torch.equal(out[0], z[0]) and not torch.equal(out[1], z[1])
+
+
 # ---------------------------------------------------------------- DRY, on the embedded model's vocabulary
 @pytest.fixture(scope="module")
 def vocab_and_tokenizer():

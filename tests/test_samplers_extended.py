@@ -27,6 +27,7 @@ NEW = {
     "top_n_sigma": dict(top_n_sigma=1.0),
     "mirostat1": dict(mirostat=1, mirostat_tau=3.0),
     "mirostat2": dict(mirostat=2, mirostat_tau=3.0, mirostat_eta=0.2),
+    "adaptive_p": dict(adaptive_target=0.3, adaptive_decay=0.8, min_p=0.05),
     "dynatemp": dict(temperature=0.9, dynatemp_range=0.5, dynatemp_exponent=1.5),
     "window": dict(repetition_penalty=1.4, frequency_penalty=0.5, penalty_last_n=6),
     "bias": dict(logit_bias={5: 3.0, 7: -50.0}),
@@ -186,7 +187,7 @@ def test_mirostat_v1_keeps_every_token_where_llama_cpp_casts_an_infinite_k():
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("field", [dict(mirostat=2), dict(xtc_probability=0.5)])
+@pytest.mark.parametrize("field", [dict(mirostat=2), dict(xtc_probability=0.5), dict(adaptive_target=0.3)])
 def test_beam_sample_refuses_samplers_that_need_a_row_draw(lm, field):
     config = DecodingConfig(strategy="beam_sample", num_beams=2, max_new_tokens=3, **field)
     with pytest.raises(UserError, match="beam"):

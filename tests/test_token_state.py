@@ -102,3 +102,15 @@ def test_carry_from_copies_mirostat_mu_for_the_rows_that_ran():
     new = TokenState([[1], [2], [3]], 4, VOCAB, params([cfg] * 3), EOS, "cpu", outputs=[[7], [8], []])
     new.carry_from(old, [0, 1])
     assert new.per_row["mirostat_mu"].tolist() == [4.5, 5.5, 6.0]  # the joining row starts at 2 tau
+
+
+def test_carry_from_copies_adaptive_p_average_for_the_rows_that_ran():
+    cfg = DecodingConfig(strategy="sample", adaptive_target=0.25, adaptive_decay=0.5)
+    old = TokenState([[1], [2]], 4, VOCAB, params([cfg, cfg]), EOS, "cpu")
+    old.per_row["adaptive_weighted_sum"] = torch.tensor([0.75, 1.0])
+    old.per_row["adaptive_total_weight"] = torch.tensor([1.5, 2.0])
+    new = TokenState([[1], [2], [3]], 4, VOCAB, params([cfg] * 3), EOS, "cpu", outputs=[[7], [8], []])
+    new.carry_from(old, [0, 1])
+    # the joining row starts as llama.cpp's sampler does: target / (1 - decay) over 1 / (1 - decay)
+    assert new.per_row["adaptive_weighted_sum"].tolist() == [0.75, 1.0, 0.5]
+    assert new.per_row["adaptive_total_weight"].tolist() == [1.5, 2.0, 2.0]

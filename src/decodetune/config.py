@@ -101,6 +101,8 @@ class DecodingConfig:
     mirostat_eta: float = 0.1
     dynatemp_range: float = 0.0
     dynatemp_exponent: float = 1.0
+    adaptive_target: float = -1.0
+    adaptive_decay: float = 0.9
     # token-level controls (vLLM's names)
     logit_bias: dict[int, float] = field(default_factory=dict)
     bad_words: list[str] = field(default_factory=list)

@@ -11,6 +11,8 @@ The names, defaults and neutral values are llama.cpp's (``common/common.h``) or 
 - ``top_n_sigma`` -1 (off; any value <= 0 is off);
 - ``mirostat`` 0 / 1 / 2, ``mirostat_tau`` 5, ``mirostat_eta`` 0.1;
 - ``dynatemp_range`` 0 (off), ``dynatemp_exponent`` 1;
+- ``adaptive_target`` -1 (off; any value < 0 is off) or a probability in [0, 1], ``adaptive_decay`` 0.9 in
+  [0, 0.99] (llama.cpp's adaptive-p, the last stage of the chain: it draws the token itself, like mirostat);
 - ``penalty_last_n`` -1: the repetition, presence and frequency penalties look at the last n tokens of
   what they look at (-1 = all of it, 0 = the penalties are off), llama.cpp's ``repeat_last_n``;
 - ``logit_bias`` {token id: bias in [-100, 100]} (OpenAI's and vLLM's range), ``bad_words`` (vLLM),
@@ -37,14 +39,17 @@ INT_FIELDS = frozenset({"dry_allowed_length", "dry_penalty_last_n", "mirostat", 
                         "num_beam_groups"})
 FLOAT_FIELDS = frozenset({"dry_multiplier", "dry_base", "xtc_threshold", "xtc_probability", "top_n_sigma",
                           "mirostat_tau", "mirostat_eta", "dynatemp_range", "dynatemp_exponent", "penalty_alpha",
-                          "diversity_penalty"})
+                          "diversity_penalty", "adaptive_target", "adaptive_decay"})
 #: Fields that only shape the sampling distribution (unread when the config does not sample).
 SAMPLING_ONLY = frozenset({"xtc_threshold", "xtc_probability", "top_n_sigma", "mirostat", "mirostat_tau",
-                           "mirostat_eta", "dynatemp_range", "dynatemp_exponent"})
-#: What mirostat replaces: llama.cpp's mirostat chains are temperature -> mirostat (+ logit bias), nothing else.
+                           "mirostat_eta", "dynatemp_range", "dynatemp_exponent", "adaptive_target", "adaptive_decay"})
+#: What mirostat replaces: llama.cpp's mirostat chains are temperature -> mirostat (+ logit bias), nothing else
+#: (adaptive-p, the other token-selecting stage, included).
 MIROSTAT_REPLACES = frozenset({"top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff",
                                "xtc_threshold", "xtc_probability", "top_n_sigma", "dynatemp_range",
-                               "dynatemp_exponent"})
+                               "dynatemp_exponent", "adaptive_target", "adaptive_decay"})
+#: llama.cpp clamps adaptive-p's decay to this (its history is about 1 / (1 - decay) tokens).
+ADAPTIVE_DECAY_MAX = 0.99
 DRY_DETAILS = frozenset({"dry_base", "dry_allowed_length", "dry_penalty_last_n", "dry_sequence_breakers"})
 
 
@@ -58,6 +63,8 @@ def coerce(cfg: DecodingConfig) -> None:
         raise ConfigError("ignore_eos", f"must be true or false, got {cfg.ignore_eos!r}")
     if cfg.top_n_sigma <= 0:
         cfg.top_n_sigma = -1.0  # llama.cpp: any n <= 0 is off; one spelling of "off"
+    if cfg.adaptive_target < 0:
+        cfg.adaptive_target = -1.0  # llama.cpp: any negative target is off
 
 
 def validate(cfg: DecodingConfig) -> None:
@@ -75,6 +82,11 @@ def validate(cfg: DecodingConfig) -> None:
         raise ConfigError("dynatemp_range", f"must be >= 0 (0 disables it), got {cfg.dynatemp_range}")
     if cfg.dynatemp_exponent <= 0:
         raise ConfigError("dynatemp_exponent", f"must be > 0, got {cfg.dynatemp_exponent}")
+    if cfg.adaptive_target > 1:
+        raise ConfigError("adaptive_target", f"must be a probability in [0, 1] (< 0 = off), got {cfg.adaptive_target}")
+    if not 0 <= cfg.adaptive_decay <= ADAPTIVE_DECAY_MAX:
+        # llama.cpp clamps silently; refusing says what the user would otherwise not get
+        raise ConfigError("adaptive_decay", f"must be in [0, {ADAPTIVE_DECAY_MAX}], got {cfg.adaptive_decay}")
     if cfg.penalty_last_n < -1:
         raise ConfigError("penalty_last_n", f"must be -1 (all tokens), 0 (penalties off) or a window >= 1, "
                                             f"got {cfg.penalty_last_n}")
@@ -99,6 +111,8 @@ def unread_fields(cfg: DecodingConfig) -> set[str]:
         unread.add("xtc_threshold")
     if cfg.dynatemp_range == 0:
         unread.add("dynatemp_exponent")
+    if cfg.adaptive_target < 0:
+        unread.add("adaptive_decay")
     if cfg.strategy != "contrastive":
         unread.add("penalty_alpha")
     if cfg.strategy != "diverse_beam":

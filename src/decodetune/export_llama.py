@@ -28,7 +28,7 @@ LLAMACPP_FIELDS = frozenset({"stop", "temperature", "top_k", "top_p", "min_p", "
                              "penalty_last_n", "seed", "dry_multiplier", "dry_base", "dry_allowed_length",
                              "dry_penalty_last_n", "dry_sequence_breakers", "xtc_threshold", "xtc_probability",
                              "top_n_sigma", "mirostat", "mirostat_tau", "mirostat_eta", "dynatemp_range",
-                             "dynatemp_exponent", "logit_bias", "ignore_eos"})
+                             "dynatemp_exponent", "adaptive_target", "adaptive_decay", "logit_bias", "ignore_eos"})
 LLAMACPP_SERVER_FIELDS = LLAMACPP_FIELDS | {"num_return_sequences", "top_logprobs"}
 _WHY = {"bad_words": " (llama.cpp bans tokens by id with logit_bias, not strings)",
         "stop_token_ids": " (llama.cpp stops on the vocabulary's end-of-generation tokens only)",
@@ -55,12 +55,14 @@ def _llama_checks(cfg: DecodingConfig, target: str, fields: frozenset[str], stri
 
 
 def chain(cfg: DecodingConfig, always_penalties: bool = False) -> list[str]:
-    """The ``--samplers`` / ``"samplers"`` list: penalties, DRY, then the config's sampler order."""
+    """The ``--samplers`` / ``"samplers"`` list: penalties, DRY, the config's sampler order, then adaptive-p
+    (llama.cpp puts it last in place of ``dist`` whenever the list names it)."""
     head = ["penalties"] if always_penalties or any(active(cfg, p) for p in PENALTIES) else []
     if active(cfg, "dry_multiplier"):
         head.append("dry")
+    tail = ["adaptive_p"] if active(cfg, "adaptive_target") else []
     return head + [CHAIN_NAMES[s] for s in cfg.full_sampler_order
-                   if s in CHAIN_NAMES and (s in _ALWAYS or stage_active(cfg, s))]
+                   if s in CHAIN_NAMES and (s in _ALWAYS or stage_active(cfg, s))] + tail
 
 
 def _bias_flag(token: int, bias: float) -> str:
@@ -100,7 +102,8 @@ def llamacpp_flags(cfg: DecodingConfig, strict: bool = True) -> list[str]:
 
 
 def _shaping_flags(cfg: DecodingConfig) -> list[str]:
-    """top-nσ, XTC, dynamic temperature and mirostat (only those in use: llama.cpp's defaults are off)."""
+    """top-nσ, XTC, dynamic temperature, mirostat and adaptive-p (only those in use: llama.cpp's defaults are
+    off)."""
     flags: list[str] = []
     if active(cfg, "top_n_sigma"):
         flags += ["--top-nsigma", f"{cfg.top_n_sigma:g}"]
@@ -111,6 +114,8 @@ def _shaping_flags(cfg: DecodingConfig) -> list[str]:
     if active(cfg, "mirostat"):
         flags += ["--mirostat", str(cfg.mirostat), "--mirostat-ent", f"{cfg.mirostat_tau:g}",
                   "--mirostat-lr", f"{cfg.mirostat_eta:g}"]
+    if active(cfg, "adaptive_target"):
+        flags += ["--adaptive-target", f"{cfg.adaptive_target:g}", "--adaptive-decay", f"{cfg.adaptive_decay:g}"]
     return flags
 
 
@@ -149,6 +154,8 @@ def llamacpp_server_body(cfg: DecodingConfig, strict: bool = True) -> dict[str, 
                  "dynatemp_range", "dynatemp_exponent"):
         if active(cfg, name):
             body[name] = getattr(cfg, name)
+    if active(cfg, "adaptive_target"):
+        body.update(adaptive_target=cfg.adaptive_target, adaptive_decay=cfg.adaptive_decay)
     if cfg.logit_bias:
         body["logit_bias"] = [[token, bias] for token, bias in sorted(cfg.logit_bias.items())]
     if cfg.ignore_eos:

@@ -19,7 +19,7 @@ LLAMACPP_SAMPLERS = frozenset({"top_k", "min_p", "typical_p", "repetition_penalt
                                "dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n",
                                "dry_sequence_breakers", "xtc_threshold", "xtc_probability", "top_n_sigma",
                                "mirostat", "mirostat_tau", "mirostat_eta", "dynatemp_range", "dynatemp_exponent",
-                               "logit_bias", "ignore_eos"})
+                               "adaptive_target", "adaptive_decay", "logit_bias", "ignore_eos"})
 #: vLLM's token-level controls (SamplingParams and its OpenAI server's extra parameters)
 VLLM_TOKEN_CONTROLS = frozenset({"logit_bias", "bad_words", "stop_token_ids", "ignore_eos"})
 

@@ -6,7 +6,9 @@ flags :func:`decodetune.export.to_llamacpp` writes (so a study on the llamacpp b
   (the backend refuses penalties and DRY beside it, ``Capabilities.mirostat_alone``);
 * otherwise ``penalties`` (over ``penalty_last_n`` tokens, -1 = the context), ``dry``, then the config's
   ``sampler_order`` (temperature as ``temp_ext`` when ``dynatemp_range`` is set, top_k, top_p, min_p,
-  typical, top-nσ, XTC), then ``dist(seed)``; greedy configs end in ``greedy`` after the penalties and DRY.
+  typical, top-nσ, XTC), then ``dist(seed)``, or ``adaptive_p(seed)`` in its place when ``adaptive_target`` is
+  set (llama.cpp adds it last when ``--samplers`` names ``adaptive_p``); greedy configs end in ``greedy``
+  after the penalties and DRY.
 """
 
 from __future__ import annotations
@@ -62,7 +64,10 @@ def build_chain(llama_cpp: Any, cfg: DecodingConfig, seed: int, n_vocab: int, n_
         sampler = _stage(llama_cpp, cfg, name, seed)
         if sampler is not None:
             add(sampler)
-    add(llama_cpp.llama_sampler_init_dist(seed))
+    if active(cfg, "adaptive_target"):
+        add(llama_cpp.llama_sampler_init_adaptive_p(cfg.adaptive_target, cfg.adaptive_decay, seed))
+    else:
+        add(llama_cpp.llama_sampler_init_dist(seed))
     return chain
 
 

@@ -54,6 +54,8 @@ _HELP = {
     "mirostat_eta": "Mirostat: learning rate",
     "dynatemp_range": "dynamic temperature: temperature +/- range, by the entropy (0 = off)",
     "dynatemp_exponent": "dynamic temperature: exponent of the entropy mapping",
+    "adaptive_target": "adaptive-p: favour tokens near this probability, kept on target over time (< 0 = off)",
+    "adaptive_decay": "adaptive-p: decay of its moving average (history ~ 1/(1-decay) tokens, at most 0.99)",
     "logit_bias": "TOKEN=BIAS added to a token's logit (repeatable; -100 bans it; llama.cpp's TOKEN+BIAS too)",
     "bad_words": "a word or phrase never generated (repeatable; vLLM's bad_words)",
     "stop_token_ids": "a token id that ends the sequence (repeatable)",

@@ -18,8 +18,9 @@ static and one-by-one batching give the same tokens, up to the float rounding of
 
 On every admission the token state is rebuilt from each running row's (prompt, output so far): the seen
 tokens, output counts, penalty windows, DRY's match table (``O(context)`` tensor ops per admission) and
-bad-word tails all follow from the tokens; mirostat's mu, which does not, is carried over from the state
-the running rows came from (rows that join start at mu = 2 tau, as they would alone).
+bad-word tails all follow from the tokens; mirostat's mu and adaptive-p's moving average, which do not, are
+carried over from the state the running rows came from (rows that join start fresh, e.g. mu = 2 tau, as they
+would alone).
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ JOIN_SAFE = frozenset({"temperature", "top_k", "top_p", "min_p", "typical_p", "e
                        "min_new_tokens", "logit_bias", "penalty_last_n", "dry_multiplier", "dry_base",
                        "dry_allowed_length", "dry_penalty_last_n", "dry_sequence_breakers", "bad_words",
                        "stop_token_ids", "mirostat", "mirostat_tau", "mirostat_eta", "xtc_probability",
-                       "xtc_threshold", "top_n_sigma", "dynatemp_range", "dynatemp_exponent"})
+                       "xtc_threshold", "top_n_sigma", "dynatemp_range", "dynatemp_exponent", "adaptive_target",
+                       "adaptive_decay"})
 
 
 def joins_safely(config: DecodingConfig) -> bool:
@@ -115,7 +117,8 @@ class _Track:
 
 def select_tokens(scores: torch.Tensor, params: RowParams, gens: Sequence[torch.Generator | None],
                   state: TokenState | None = None) -> torch.Tensor:
-    """Argmax for greedy rows; sampler chain + seeded draw for sampling rows (``state``: mirostat's mu)."""
+    """Argmax for greedy rows; sampler chain + seeded draw for sampling rows (``state``: mirostat's mu,
+    adaptive-p's average)."""
     return sample_tokens(scores, params, gens, state)
 
 

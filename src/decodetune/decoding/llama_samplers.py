@@ -16,6 +16,11 @@ it on the same logits in tests/test_llama_reference.py:
   from given the row's ``mu``; :func:`update_mirostat` then moves mu by ``eta * (tau - surprise)`` with the
   surprise ``-log2 p`` of the token actually drawn, in the truncated distribution. mu starts at ``2 tau``
   and lives in ``TokenState.per_row["mirostat_mu"]`` so it follows beam reordering and finished rows.
+- adaptive-p (llama.cpp PR #17927): :func:`adaptive_p` reshapes the candidates' logits to
+  ``5 - 10 d^2 / (1 + d)``, ``d = |p - target'| / 0.3``, so that tokens whose probability is near an adapted
+  target are favoured; ``target' = clamp(2 target - EMA)`` where the EMA is the decayed mean of the *original*
+  probabilities of the tokens drawn so far (:func:`update_adaptive_p`). It is the chain's last stage and the
+  token is drawn from what it returns, as llama.cpp's ``llama_sampler_adaptive_p`` does instead of ``dist``.
 
 Where llama.cpp counts "candidates" (temp_ext's n, XTC's remaining count) we count the finite logits: in
 llama.cpp truncated tokens leave the array, while tokens set to -inf (by a bias or top-nσ) stay in it;
@@ -35,6 +40,8 @@ if TYPE_CHECKING:
 NEG_INF = float("-inf")
 #: How many of the most likely tokens mirostat v1 fits its Zipf exponent on (llama.cpp's ``m = 100``).
 MIROSTAT_M = 100
+#: adaptive-p's transform constants (llama.cpp's ``DISTRIBUTION_WIDTH``, ``PEAK_LOGIT_VALUE``, ``SHARPNESS``).
+ADAPTIVE_WIDTH, ADAPTIVE_PEAK, ADAPTIVE_SHARPNESS = 0.3, 5.0, 10.0
 
 
 def dynamic_temperature(logits: torch.Tensor, rows: RowParams) -> torch.Tensor:
@@ -157,3 +164,44 @@ def update_mirostat(state: TokenState, rows: Sequence[int], probs: torch.Tensor,
     new = mu - params.tensor("mirostat_eta") * (surprise - params.tensor("mirostat_tau"))
     mu_all[idx] = torch.where(on, new, mu)
 
+
+def init_adaptive_p_state(state: TokenState) -> None:
+    """adaptive-p's moving average per row, started as llama.cpp does (as if every past token hit the target)."""
+    if state.rows.active("adaptive_target"):
+        target, decay = state.rows.tensor("adaptive_target"), state.rows.tensor("adaptive_decay")
+        state.per_row["adaptive_weighted_sum"] = target / (1.0 - decay)
+        state.per_row["adaptive_total_weight"] = 1.0 / (1.0 - decay)
+
+
+def adaptive_p(logits: torch.Tensor, rows: RowParams, weighted_sum: torch.Tensor,
+               total_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """adaptive-p's logits per row (rows with ``adaptive_target < 0`` pass through), and the probabilities
+    before the transform (the moving average is updated with the drawn token's original probability)."""
+    probs = logits.softmax(dim=1)
+    raw = rows.tensor("adaptive_target")
+    target = raw.clamp(0.0, 1.0)
+    average = weighted_sum / total_weight
+    adapted = torch.where(total_weight == 0, target, 2.0 * target - average).clamp(0.0, 1.0).unsqueeze(1)
+    dist = ((probs - adapted) * (1.0 / ADAPTIVE_WIDTH)).abs()
+    shaped = ADAPTIVE_PEAK - ADAPTIVE_SHARPNESS * dist * dist / (1.0 + dist)
+    # truncated tokens (-inf) stay out, as llama.cpp skips -inf logits
+    shaped = torch.where(torch.isfinite(logits), shaped, NEG_INF)
+    return torch.where((raw >= 0).unsqueeze(1), shaped, logits), probs
+
+
+def update_adaptive_p(state: TokenState, rows: Sequence[int], original: torch.Tensor, tokens: torch.Tensor,
+                      params: RowParams) -> None:
+    """Fold the drawn tokens' original probabilities into the adaptive-p rows' moving average (``rows``: state
+    rows; ``original`` / ``tokens`` / ``params`` aligned with them)."""
+    on = params.tensor("adaptive_target") >= 0
+    if not bool(on.any()):
+        return
+    p = original.gather(1, tokens.unsqueeze(1)).squeeze(1)
+    decay = params.tensor("adaptive_decay")
+    idx = params.cached(("state_rows", tuple(rows)),
+                        lambda: torch.tensor(list(rows), device=state.per_row["adaptive_weighted_sum"].device))
+    for key, new in (("adaptive_weighted_sum", lambda old: p + decay * old),
+                     ("adaptive_total_weight", lambda old: 1.0 + decay * old)):
+        values = state.per_row[key]
+        old = values.index_select(0, idx)
+        values[idx] = torch.where(on, new(old), old)

@@ -49,7 +49,7 @@ import torch
 from decodetune.config import DecodingConfig
 from decodetune.config_checks import MIROSTAT_REPLACES
 from decodetune.decoding import dry, token_rules
-from decodetune.decoding.llama_samplers import init_mirostat_state
+from decodetune.decoding.llama_samplers import init_adaptive_p_state, init_mirostat_state
 
 #: Value of each per-row parameter that makes its processor or sampler a no-op (for the detail fields,
 #: e.g. ``dry_base``, simply their defaults: they do nothing while their main field is off).
@@ -59,7 +59,8 @@ NEUTRAL: dict[str, float | int] = {
     "no_repeat_ngram_size": 0, "min_new_tokens": 0, "penalty_last_n": -1,
     "dry_multiplier": 0.0, "dry_base": 1.75, "dry_allowed_length": 2, "dry_penalty_last_n": -1,
     "xtc_probability": 0.0, "xtc_threshold": 0.1, "top_n_sigma": -1.0, "mirostat": 0, "mirostat_tau": 5.0,
-    "mirostat_eta": 0.1, "dynatemp_range": 0.0, "dynatemp_exponent": 1.0,
+    "mirostat_eta": 0.1, "dynatemp_range": 0.0, "dynatemp_exponent": 1.0, "adaptive_target": -1.0,
+    "adaptive_decay": 0.9,
 }
 #: Per-row values that are not numbers (never packed in tensors), with their neutral values.
 OBJECT_FIELDS: dict[str, Any] = {"logit_bias": {}, "bad_words": [], "dry_sequence_breakers": [],
@@ -67,7 +68,8 @@ OBJECT_FIELDS: dict[str, Any] = {"logit_bias": {}, "bad_words": [], "dry_sequenc
 #: Parameters that only shape the sampling distribution; they are neutral on rows that do not sample.
 SAMPLER_FIELDS = frozenset({"temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff",
                             "xtc_probability", "xtc_threshold", "top_n_sigma", "mirostat", "mirostat_tau",
-                            "mirostat_eta", "dynatemp_range", "dynatemp_exponent"})
+                            "mirostat_eta", "dynatemp_range", "dynatemp_exponent", "adaptive_target",
+                            "adaptive_decay"})
 _INT_FIELDS = frozenset({"top_k", "no_repeat_ngram_size", "min_new_tokens", "penalty_last_n", "dry_allowed_length",
                          "dry_penalty_last_n", "mirostat"})
 
@@ -159,17 +161,18 @@ class TokenState:
     have one spare column that absorbs ids outside the model's output vocabulary. With a ``penalty_last_n``
     window on some row they are recomputed from ``history`` each step instead (:meth:`penalty_seen`,
     :meth:`penalty_counts`). ``per_row`` holds the stateful stages' per-row tensors (DRY's suffix matches,
-    mirostat's mu); :meth:`index` keeps them aligned with the rows.
+    mirostat's mu, adaptive-p's moving average); :meth:`index` keeps them aligned with the rows.
 
     ``outputs`` (rows joining a batch mid-way, or a state rebuilt for rows at different steps): each row's
     tokens generated so far; they follow its prompt in ``history``, count as output, and set the row's
-    :attr:`generated` count. Everything but mirostat's mu is rebuilt from them; :meth:`carry_from` copies mu
-    (and any other per-row value that tokens cannot give) from the state the rows ran in.
+    :attr:`generated` count. Everything but mirostat's mu and adaptive-p's average is rebuilt from them;
+    :meth:`carry_from` copies those (and any other per-row value that tokens cannot give) from the state the
+    rows ran in.
     ``max_new_tokens`` is then the room left for the row with the most steps to go.
     """
 
     #: ``per_row`` entries that cannot be rebuilt from the tokens (:meth:`carry_from` copies them)
-    CARRIED = ("mirostat_mu",)
+    CARRIED = ("mirostat_mu", "adaptive_weighted_sum", "adaptive_total_weight")
 
     def __init__(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, vocab_size: int,
                  rows: RowParams, eos_token_ids: Sequence[int], device: torch.device | str,
@@ -212,6 +215,7 @@ class TokenState:
                 self.counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=self.counts.dtype))
         dry.init_dry_state(self)
         init_mirostat_state(self)
+        init_adaptive_p_state(self)
 
     @property
     def generated(self) -> torch.Tensor:

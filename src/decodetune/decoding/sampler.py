@@ -9,8 +9,10 @@ p >= min(eta, sqrt(eta) * exp(-entropy)), Hewitt et al. 2022). Truncations never
 and 2 without any EOS id).
 
 llama.cpp's ``top_n_sigma`` and ``xtc`` stages, dynamic temperature (the ``temperature`` stage when
-``dynatemp_range > 0``) and mirostat live in :mod:`decodetune.decoding.llama_samplers`; mirostat rows run
-temperature then mirostat, nothing else (llama.cpp's chain), and mirostat is always last.
+``dynatemp_range > 0``), mirostat and adaptive-p live in :mod:`decodetune.decoding.llama_samplers`; mirostat
+rows run temperature then mirostat, nothing else (llama.cpp's chain), and mirostat is always last; adaptive-p
+(``adaptive_target >= 0``) runs after the whole chain and the token is drawn from it (llama.cpp puts it in
+place of ``dist``).
 
 Compared with llama.cpp (tests/test_llama_reference.py runs both): temperature, top-p, min-p and typical
 keep the same sets on the same logits, up to float rounding at a boundary (top-p and typical sum
@@ -207,8 +209,9 @@ def apply_samplers(logits: torch.Tensor, rows: RowParams, min_keep: int = 1,
     ``coins``: XTC's per-row uniforms (:func:`~decodetune.decoding.llama_samplers.xtc_coins`); rows with XTC
     need them. Mirostat selects the token itself, so it runs only through :func:`sample_tokens`.
     """
-    if rows.active("mirostat"):
-        raise UserError("mirostat: selects the token itself, which beam search cannot use; use strategy sample")
+    for name in ("mirostat", "adaptive_target"):
+        if rows.active(name):
+            raise UserError(f"{name}: selects the token itself, which beam search cannot use; use strategy sample")
     if coins is None and rows.active("xtc_probability"):
         raise UserError("xtc_probability: XTC draws a coin per row, which beam_sample does not give it")
     return _apply_chains(logits, rows, min_keep, coins)
@@ -241,8 +244,9 @@ def _run_chain(order: Sequence[str], logits: torch.Tensor, rows: RowParams, min_
 
 def sample_tokens(scores: torch.Tensor, params: RowParams, generators: Sequence[torch.Generator | None],
                   state: TokenState | None = None) -> torch.Tensor:
-    """One token per row: argmax for greedy rows; for sampling rows their chain (XTC coin first), mirostat,
-    and the seeded draw, then mirostat's mu update from the drawn token (``state`` holds mu)."""
+    """One token per row: argmax for greedy rows; for sampling rows their chain (XTC coin first), mirostat or
+    adaptive-p, and the seeded draw, then mirostat's mu / adaptive-p's average update from the drawn token
+    (``state`` holds them)."""
     sampling = params.cached("sampling_rows", lambda: [i for i, s in enumerate(params.sampling) if s])
     if not sampling:
         return scores.argmax(dim=1)
@@ -257,10 +261,20 @@ def sample_tokens(scores: torch.Tensor, params: RowParams, generators: Sequence[
             raise UserError("mirostat: needs the token state (mu per row) in sample_tokens")
         mu = state.per_row["mirostat_mu"]
         logits = L.mirostat_truncate(logits, rows, mu if whole else mu.index_select(0, params.index_tensor(sampling)))
+    adaptive = rows.active("adaptive_target")
+    if adaptive:
+        if state is None or "adaptive_weighted_sum" not in state.per_row:
+            raise UserError("adaptive_target: needs the token state (its moving average per row) in sample_tokens")
+        ws, tw = state.per_row["adaptive_weighted_sum"], state.per_row["adaptive_total_weight"]
+        if not whole:
+            ws, tw = (t.index_select(0, params.index_tensor(sampling)) for t in (ws, tw))
+        logits, original = L.adaptive_p(logits, rows, ws, tw)
     probs = logits.softmax(dim=1)
     drawn = draw(probs, gens)  # type: ignore[arg-type]
     if mirostat:
         L.update_mirostat(state, sampling, probs, drawn, rows)  # type: ignore[arg-type]
+    if adaptive:
+        L.update_adaptive_p(state, sampling, original, drawn, rows)  # type: ignore[arg-type]
     if whole:
         return drawn
     tokens = scores.argmax(dim=1)
