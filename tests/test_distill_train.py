@@ -26,10 +26,14 @@ def _teacher():
 
 
 def _run(norm: str, **cfg) -> list[dict]:
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
-    config = DistillConfig(steps=4, batch_size=4, lr=3e-3, loss="jsd", beta=0.5, on_policy=0.5,
-                           student_decoding=SAMPLE, engine="plain", **cfg)
-    return distill(_teacher(), StudentSpec(num_hidden_layers=2, norm=norm), ROWS, config).history
+    try:
+        config = DistillConfig(steps=4, batch_size=4, lr=3e-3, loss="jsd", beta=0.5, on_policy=0.5,
+                               student_decoding=SAMPLE, engine="plain", **cfg)
+        return distill(_teacher(), StudentSpec(num_hidden_layers=2, norm=norm), ROWS, config).history
+    finally:
+        torch.set_num_threads(before)  # the later tests run with the suite's threads
 
 
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:

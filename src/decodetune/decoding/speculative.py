@@ -37,12 +37,14 @@ import copy
 import dataclasses
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from decodetune.config import DecodingConfig
+from decodetune.decoding.fast_linear import split_linears
 from decodetune.decoding.processors import RowParams, TokenState, apply_processors
 from decodetune.decoding.runner import ModelRunner
 from decodetune.decoding.sampler import apply_samplers, draw, make_generator, row_seed
@@ -104,7 +106,9 @@ def generate_speculative(model: Any, prompts: Any, config: DecodingConfig | Sequ
         check_config(c)
     drafter = _drafter(lm, draft_model, num_draft_tokens, prompt_lookup_num_tokens)
     out: list[Generation] = []
-    with torch.inference_mode(), use_tokenizer(lm.tokenizer):
+    draft = drafter[0].model if isinstance(drafter, tuple) else None
+    with (torch.inference_mode(), use_tokenizer(lm.tokenizer), split_linears(lm.model),
+          split_linears(draft) if draft is not None else nullcontext()):
         for i, (prompt, cfg, seed) in enumerate(zip(prompts, configs, seeds, strict=True)):
             ids = lm.encode(prompt)
             if not ids:

@@ -1,0 +1,81 @@
+"""The split float32 Linear (decoding/fast_linear.py): equal to F.linear, used only where bit-exact, and the
+model left as it was. The token-level proof is tests/test_decoding_exact.py (greedy and beam against
+transformers' generate() on the tiny Llama and on smollm2), which runs through it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from decodetune import DecodingConfig
+from decodetune.decoding import fast_linear, generate
+from decodetune.decoding.fast_linear import split_linear, split_linears
+
+
+@pytest.fixture(autouse=True)
+def two_threads():
+    """The split runs with 2 or more torch threads; an earlier test may have left 1."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("shape", [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)])
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_split_linear_equals_f_linear(shape, rows):
+    weight = torch.randn(*shape)
+    x = torch.randn(rows, shape[1])
+    for parts in fast_linear.PARTS:
+        torch.testing.assert_close(split_linear(x, weight, None, parts), nn.functional.linear(x, weight),
+                                   rtol=1e-5, atol=1e-5)
+    bias = torch.randn(shape[0])
+    torch.testing.assert_close(split_linear(x, weight, bias, 2), nn.functional.linear(x, weight, bias),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_split_path_runs_only_where_bit_exact(lm, monkeypatch):
+    calls = {"split": 0}
+    real = fast_linear.split_linear
+
+    def counting(*args):
+        calls["split"] += 1
+        return real(*args)
+
+    monkeypatch.setattr(fast_linear, "split_linear", counting)
+    monkeypatch.setattr(fast_linear, "_exact", {})
+    prompts = ["hello there", "the cat sat"]
+    ours = generate(lm, prompts, DecodingConfig(max_new_tokens=6))
+    checked = fast_linear.exactness_checked()
+    assert checked, "no linear went through the split check"
+    assert calls["split"] > len(checked), "the split path never ran"
+    # a machine where a split is not bit-exact keeps F.linear there: the tokens do not depend on it
+    monkeypatch.setattr(fast_linear, "_exact", {key: False for key in checked})
+    calls["split"] = 0
+    plain = generate(lm, prompts, DecodingConfig(max_new_tokens=6))
+    assert calls["split"] == 0 and [g.token_ids for g in plain] == [g.token_ids for g in ours]
+
+
+def test_the_model_is_left_as_it_was(lm):
+    linears = [m for m in lm.model.modules() if type(m) is nn.Linear]
+    with split_linears(lm.model):
+        on = sum("forward" in m.__dict__ for m in linears)
+    assert on == len(linears)
+    assert not any("forward" in m.__dict__ for m in linears)
+    with pytest.raises(RuntimeError), split_linears(lm.model):
+        raise RuntimeError("boom")
+    assert not any("forward" in m.__dict__ for m in linears)
+
+
+def test_bf16_and_many_rows_keep_f_linear(monkeypatch):
+    layer = nn.Linear(64, 32)
+    x = torch.randn(fast_linear.MAX_ROWS + 1, 64)
+    seen = []
+    monkeypatch.setattr(fast_linear, "split_linear", lambda *a: seen.append(a) or nn.functional.linear(*a[:3]))
+    with split_linears(layer):
+        layer(x)  # more rows than MAX_ROWS on a small weight
+    assert seen == []
+    half = nn.Linear(64, 32).to(torch.bfloat16)
+    with split_linears(half):
+        assert "forward" not in half.__dict__
