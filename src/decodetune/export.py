@@ -69,7 +69,9 @@ def set_fields(cfg: DecodingConfig) -> list[str]:
 
 def unsupported_field(cfg: DecodingConfig, name: str, target: str, strict: bool, why: str = "") -> None:
     """Refuse field ``name`` for ``target`` (ExportError), or with ``strict=False`` warn that it is dropped."""
-    msg = f"{name}={getattr(cfg, name)!r} has no equivalent in {target}{why}"
+    value = getattr(cfg, name)
+    shown = f"{value:.4g}" if isinstance(value, float) else repr(value)  # a tuned 0.635482199008357 reads 0.6355
+    msg = f"{name}={shown} has no equivalent in {target}{why}"
     if strict:
         raise ExportError(f"{name}: {msg} (use strict=False to drop it)")
     warnings.warn(f"dropped {msg}", stacklevel=3)
