@@ -70,6 +70,28 @@ def forward_logprobs(lm, prompt, token_ids):
 
 
 @pytest.fixture(scope="module")
+def bare(backend):
+    """llama-cpp-python's own ``Llama`` on the GGUF of a test module's llamacpp ``backend`` (its n_ctx)."""
+    from llama_cpp import Llama
+
+    return Llama(str(backend.path), n_ctx=backend.n_ctx, n_threads=2, verbose=False)
+
+
+def assert_raw_top_logprobs(lm, prompt, generation, n):
+    """``generation.top_logprobs`` are the ``n`` most likely tokens of a plain forward pass at each step, most
+    likely first, with their raw logprobs (before any processor or sampler); returns that forward's logprobs."""
+    import pytest
+
+    ref = forward_logprobs(lm, prompt, generation.token_ids)
+    assert generation.top_logprobs is not None and len(generation.top_logprobs) == len(generation.token_ids)
+    for step, top in enumerate(generation.top_logprobs):
+        values, ids = ref[step].topk(n)
+        assert list(top) == ids.tolist()
+        assert list(top.values()) == pytest.approx(values.tolist(), abs=2e-4)
+    return ref
+
+
+@pytest.fixture(scope="module")
 def lm(tiny_pair):
     """The tiny model as a LoadedModel with two EOS ids (:data:`TINY_EOS`)."""
     from decodetune.models.handle import LoadedModel

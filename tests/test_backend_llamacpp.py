@@ -29,13 +29,6 @@ def backend():
     b.close()
 
 
-@pytest.fixture(scope="module")
-def bare(backend):
-    from llama_cpp import Llama
-
-    return Llama(str(backend.path), n_ctx=N_CTX, n_threads=2, verbose=False)
-
-
 def reference_tokens(bare, prompt_ids: list[int], flags: list[str], n_new: int) -> list[int]:
     """Decode one sequence with a chain built from llama.cpp flags (the bindings' own samplers)."""
     from llama_cpp._internals import LlamaSampler

@@ -34,13 +34,6 @@ def backend():
     b.close()
 
 
-@pytest.fixture(scope="module")
-def bare(backend):
-    from llama_cpp import Llama
-
-    return Llama(str(backend.path), n_ctx=N_CTX, n_threads=2, verbose=False)
-
-
 def parse_flags(flags: list[str]) -> tuple[dict[str, str], dict[str, list[str]], set[str]]:
     """``(single-valued flags, repeated flags, switches)`` of a llama.cpp command line."""
     single: dict[str, str] = {}

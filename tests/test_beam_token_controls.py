@@ -13,7 +13,7 @@ from decodetune.models.handle import LoadedModel
 
 PROMPTS = ["The quick brown fox", "Once upon a time there was a small robot", "Paris", "What is 12 plus"]
 from conftest import TINY_EOS as EOS  # noqa: E402
-from conftest import forward_logprobs  # noqa: E402
+from conftest import assert_raw_top_logprobs  # noqa: E402
 
 BEAM = DecodingConfig(strategy="beam", num_beams=3, max_new_tokens=20)
 
@@ -76,13 +76,8 @@ def test_top_logprobs_follow_the_beam_and_are_the_raw_distribution(lm, cfg):
     other = BEAM.replace(max_new_tokens=6, top_logprobs=1)  # another N in the same batch
     gens = generate(lm, PROMPTS, [cfg] * 3 + [other], logprobs=True)
     for g in gens:
-        n = cfg.top_logprobs if g.prompt_index < 3 else 1
-        ref = forward_logprobs(lm, PROMPTS[g.prompt_index], g.token_ids)
-        assert g.top_logprobs is not None and len(g.top_logprobs) == len(g.token_ids)
-        for step, top in enumerate(g.top_logprobs):
-            values, ids = ref[step].topk(n)
-            assert list(top) == ids.tolist()  # most likely first, before the repetition penalty / top_k
-            assert list(top.values()) == pytest.approx(values.tolist(), abs=2e-4)
+        # most likely first, before the repetition penalty / top_k
+        ref = assert_raw_top_logprobs(lm, PROMPTS[g.prompt_index], g, cfg.top_logprobs if g.prompt_index < 3 else 1)
         assert g.logprobs == pytest.approx(ref.gather(1, torch.tensor(g.token_ids).unsqueeze(1)).squeeze(1).tolist(),
                                            abs=2e-4)
     assert generate(lm, PROMPTS[:1], BEAM)[0].top_logprobs is None
@@ -102,10 +97,7 @@ def test_contrastive_token_controls(lm):
     plain = generate(lm, PROMPTS, CONTRASTIVE.replace(ignore_eos=True, top_logprobs=3), logprobs=True)
     assert all(len(g.token_ids) == 18 and g.finish_reason == "length" for g in plain)
     for g in plain:
-        ref = forward_logprobs(lm, PROMPTS[g.prompt_index], g.token_ids)
-        for step, top in enumerate(g.top_logprobs):
-            assert list(top) == ref[step].topk(3).indices.tolist()
-            assert list(top.values()) == pytest.approx(ref[step].topk(3).values.tolist(), abs=2e-4)
+        assert_raw_top_logprobs(lm, PROMPTS[g.prompt_index], g, 3)
     g = plain[1]
     k = next(k for k in range(3, 18) if g.token_ids[k] not in g.token_ids[:k])
     stopped = generate(lm, [PROMPTS[1]], CONTRASTIVE.replace(ignore_eos=True, stop_token_ids=[g.token_ids[k]]))[0]

@@ -9,7 +9,7 @@ from decodetune.decoding import generate
 
 PROMPTS = ["The quick brown fox", "Once upon a time there was a small robot", "Paris", "What is 12 plus"]
 from conftest import TINY_EOS as EOS  # noqa: E402
-from conftest import forward_logprobs  # noqa: E402
+from conftest import assert_raw_top_logprobs  # noqa: E402
 
 
 def test_ignore_eos_runs_to_max_new_tokens(lm):
@@ -52,13 +52,8 @@ def test_top_logprobs_are_the_raw_model_distribution(lm, cfg):
     other = DecodingConfig(max_new_tokens=7, top_logprobs=1)  # another N in the same batch
     gens = generate(lm, PROMPTS[:3] + [PROMPTS[3]], [cfg] * 3 + [other], logprobs=True)
     for g in gens:
-        n = cfg.top_logprobs if g.prompt_index < 3 else 1
-        ref = forward_logprobs(lm, PROMPTS[g.prompt_index], g.token_ids)
-        assert g.top_logprobs is not None and len(g.top_logprobs) == len(g.token_ids)
+        assert_raw_top_logprobs(lm, PROMPTS[g.prompt_index], g, cfg.top_logprobs if g.prompt_index < 3 else 1)
         for step, top in enumerate(g.top_logprobs):
-            values, ids = ref[step].topk(n)
-            assert list(top) == ids.tolist()  # most likely first
-            assert list(top.values()) == pytest.approx(values.tolist(), abs=2e-4)
             if g.token_ids[step] in top:
                 assert top[g.token_ids[step]] == pytest.approx(g.logprobs[step], abs=1e-6)
     assert generate(lm, PROMPTS[:1], DecodingConfig(max_new_tokens=3))[0].top_logprobs is None
