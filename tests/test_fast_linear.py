@@ -1,6 +1,6 @@
-"""The split float32 Linear (decoding/fast_linear.py): equal to F.linear, used only where bit-exact, and the
-model left as it was. The token-level proof is tests/test_decoding_exact.py (greedy and beam against
-transformers' generate() on the tiny Llama and on smollm2), which runs through it."""
+"""The fast CPU Linear paths (decoding/fast_linear.py: split float32, packed bf16): equal to F.linear, used only
+where bit-exact, and the model left as it was. The token-level proof is tests/test_decoding_exact.py (greedy and
+beam against transformers' generate() on the tiny Llama and on smollm2), which runs through it."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import nn
 
 from decodetune import DecodingConfig
 from decodetune.decoding import fast_linear, generate
-from decodetune.decoding.fast_linear import split_linear, split_linears
+from decodetune.decoding.fast_linear import fast_linears, split_linear
 
 
 @pytest.fixture(autouse=True)
@@ -59,23 +59,51 @@ def test_split_path_runs_only_where_bit_exact(lm, monkeypatch):
 
 def test_the_model_is_left_as_it_was(lm):
     linears = [m for m in lm.model.modules() if type(m) is nn.Linear]
-    with split_linears(lm.model):
+    with fast_linears(lm.model):
         on = sum("forward" in m.__dict__ for m in linears)
     assert on == len(linears)
     assert not any("forward" in m.__dict__ for m in linears)
-    with pytest.raises(RuntimeError), split_linears(lm.model):
+    with pytest.raises(RuntimeError), fast_linears(lm.model):
         raise RuntimeError("boom")
     assert not any("forward" in m.__dict__ for m in linears)
 
 
-def test_bf16_and_many_rows_keep_f_linear(monkeypatch):
+def test_many_rows_and_autograd_keep_f_linear(monkeypatch):
     layer = nn.Linear(64, 32)
-    x = torch.randn(fast_linear.MAX_ROWS + 1, 64)
     seen = []
     monkeypatch.setattr(fast_linear, "split_linear", lambda *a: seen.append(a) or nn.functional.linear(*a[:3]))
-    with split_linears(layer):
-        layer(x)  # more rows than MAX_ROWS on a small weight
+    with fast_linears(layer):
+        layer(torch.randn(fast_linear.MAX_ROWS + 1, 64))  # more rows than MAX_ROWS on a small weight
+        layer(torch.randn(1, 64))  # grad enabled and the weight requires grad: training is left alone
     assert seen == []
-    half = nn.Linear(64, 32).to(torch.bfloat16)
-    with split_linears(half):
-        assert "forward" not in half.__dict__
+
+
+needs_mkldnn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+
+
+@needs_mkldnn
+@pytest.mark.parametrize("rows", [1, 5, 16])
+def test_packed_bf16_equals_f_linear_and_follows_weight_changes(rows):
+    layer = nn.Linear(576, 1536).to(torch.bfloat16)
+    x = torch.randn(2, rows, 576).to(torch.bfloat16)
+    with torch.inference_mode():
+        for _ in range(2):
+            reference = nn.functional.linear(x, layer.weight, layer.bias)
+            torch.testing.assert_close(fast_linear.packed_linear(x, layer), reference, rtol=1e-2, atol=1e-2)
+            layer.weight.mul_(2)  # in place: the cached packing must not be reused
+
+
+@needs_mkldnn
+def test_bf16_model_tokens_do_not_depend_on_the_packed_path(tiny_pair, monkeypatch):
+    from decodetune.models.handle import LoadedModel
+
+    model, tok = tiny_pair
+    half = LoadedModel(__import__("copy").deepcopy(model).to(torch.bfloat16), tok, name="tiny-bf16")
+    monkeypatch.setattr(fast_linear, "_exact", {})
+    cfg = DecodingConfig(max_new_tokens=8)
+    fast = generate(half, ["hello there", "the cat sat"], cfg)
+    checked = fast_linear.exactness_checked()
+    assert any(key[0] == "packed" for key in checked), checked
+    monkeypatch.setattr(fast_linear, "_exact", {key: False for key in checked})
+    plain = generate(half, ["hello there", "the cat sat"], cfg)
+    assert [g.token_ids for g in fast] == [g.token_ids for g in plain]

@@ -24,7 +24,7 @@ from decodetune.decoding.batching import FlatDecoder, FlatRow
 from decodetune.decoding.beam import BeamRequest, beam_search
 from decodetune.decoding.contrastive import ContrastiveRequest, contrastive_search
 from decodetune.decoding.diverse_beam import diverse_beam_search
-from decodetune.decoding.fast_linear import split_linears
+from decodetune.decoding.fast_linear import fast_linears
 from decodetune.decoding.runner import ModelRunner
 from decodetune.decoding.stopping import final_text
 from decodetune.decoding.token_rules import use_tokenizer
@@ -105,7 +105,7 @@ def generate(model: Any, prompts: Any, config: DecodingConfig | Sequence[Decodin
     out: dict[tuple[int, int], Generation] = {}
     total = len(flat) + sum(len(v) for v in beams.values())
     # bad_words and DRY's breakers are tokenized with the model's tokenizer (decoding.token_rules)
-    with (torch.inference_mode(), split_linears(lm.model), use_tokenizer(lm.tokenizer),
+    with (torch.inference_mode(), fast_linears(lm.model), use_tokenizer(lm.tokenizer),
           _progress(progress, total) as advance):
         if flat:
             decoder = FlatDecoder(runner, flat, pad=pad, eos=eos, decode=decode, batch_size=batch_size,

@@ -1,26 +1,31 @@
-"""Float32 ``nn.Linear`` layers on a CPU, on few rows: the same products on every thread, bit-exact.
+"""Faster ``nn.Linear`` layers on a CPU for decoding (few rows), bit-exact against ``F.linear``.
 
-MKL computes ``F.linear`` of a few rows against a float32 weight as matrix-vector products on *one* thread, so
-batch-1 decoding reads the weights at one core's memory bandwidth. The same product written as a ``bmm`` over
-:data:`PARTS` slices of the output features runs on torch's threads. Measured on the 2-core dev machine (2
-threads, weights read cold as in decoding, smollm2's 7 linears x 30 layers): 38 -> 22 ms per step at 1 row,
-48 -> 29 ms at 4 rows, no gain at 16; its 49152 x 576 LM head: 10.1 -> 5.2 ms at 1 row, 19 -> 13 ms at 16
-rows, 36 -> 29 ms at 64 (``benchmarks/bench_generate.py`` has the end-to-end figures).
+Two cases, each measured on the 2-core dev machine (2 threads, weights read cold as in decoding, smollm2's 7
+linears x 30 layers; ``benchmarks/bench_generate.py`` has the end-to-end figures):
 
-Each output is the same dot product in the same order, so the result is bit-exact; that is not assumed but
-checked: the first time a (weight shape, rows, threads) comes up, both are computed on random input and the
-split is used only if they are equal (:func:`_split_is_exact`). The exactness tests against transformers'
-``generate()`` run through it.
+- **float32**: MKL computes ``F.linear`` of a few rows on *one* thread, so batch-1 decoding read the weights
+  at one core's bandwidth. The same product as a ``bmm`` over :data:`PARTS` slices of the output features
+  runs on torch's threads: 38 -> 22 ms per step at 1 row, 48 -> 29 ms at 4 rows, no gain at 16; the 49152 x
+  576 LM head 10.1 -> 5.2 ms at 1 row, 19 -> 13 ms at 16 rows.
+- **bfloat16**: the weights packed once for oneDNN (``torch.ops.mkldnn._reorder_linear_weight``, what
+  ``torch.compile``'s CPU backend does) and applied with ``torch.ops.mkldnn._linear_pointwise``: 22.0 ->
+  14.2 ms per step at 1 row, 28.6 -> 17.5 ms at 16. (In float32 the packed path is faster at 16 rows too,
+  but not bit-exact, so float32 keeps MKL there.)
 
-:func:`split_linears` switches it on for one model for the duration of a ``with`` block (the engine's
+Neither is assumed exact: the first time a (path, weight shape, rows, threads) comes up, both are computed
+on random input and the fast one is used only if the results are equal (:func:`_is_exact`). The exactness
+tests against transformers' ``generate()`` (float32) run through it.
+
+:func:`fast_linears` switches it on for one model for the duration of a ``with`` block (the engine's
 ``generate``): it sets a ``forward`` on each plain ``nn.Linear`` instance and removes it afterwards, so the
-model is left as it was. Reduced-precision (bf16: oneDNN already uses every thread) and quantised layers are
-left alone.
+model is left as it was. Packed bf16 weights are cached per layer and re-packed when the weight changes.
+Quantised layers (int8) and subclasses of ``nn.Linear`` are left alone, and so is anything under autograd.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from typing import Any
@@ -30,25 +35,31 @@ from torch import nn
 
 #: Slices of the output features (the first that divides them); 8, 4 and 2 measured within 10% of each other.
 PARTS = (8, 4, 2)
-#: Rows (tokens in the batch) up to which every layer is split: measured faster at 1 and 4 rows, even at 16.
+#: Rows (tokens in the batch) up to which every float32 layer is split: faster at 1 and 4 rows, even at 16.
 MAX_ROWS = 8
-#: A weight this big (an LM head) is split up to :data:`BIG_MAX_ROWS` rows: measured faster up to 128.
+#: A float32 weight this big (an LM head) is split up to :data:`BIG_MAX_ROWS` rows: measured faster up to 128.
 BIG_WEIGHT = 1 << 22
 BIG_MAX_ROWS = 128
+#: Rows up to which bf16 layers use their packed weights (decoding steps; a long prefill keeps F.linear).
+PACKED_MAX_ROWS = 64
 
-_exact: dict[tuple[int, int, int, int, bool, int], bool] = {}
+_exact: dict[tuple[Any, ...], bool] = {}
+_packed: weakref.WeakKeyDictionary[nn.Module, tuple[int, int, torch.Tensor]] = weakref.WeakKeyDictionary()
 
 
 @contextmanager
-def split_linears(model: nn.Module) -> Iterator[None]:
-    """Within the block, ``model``'s float32 ``nn.Linear`` layers on a CPU compute few rows as a split ``bmm``."""
+def fast_linears(model: nn.Module) -> Iterator[None]:
+    """Within the block, ``model``'s plain CPU ``nn.Linear`` layers use the fast paths where they are exact."""
     patched: list[nn.Module] = []
-    if torch.get_num_threads() >= 2:
-        for module in model.modules():
-            if (type(module) is nn.Linear and "forward" not in module.__dict__
-                    and module.weight.dtype == torch.float32 and module.weight.device.type == "cpu"):
-                module.forward = partial(_forward, module)
-                patched.append(module)
+    split_ok = torch.get_num_threads() >= 2
+    pack_ok = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    for module in model.modules():
+        if type(module) is not nn.Linear or "forward" in module.__dict__ or module.weight.device.type != "cpu":
+            continue
+        dtype = module.weight.dtype
+        if (dtype == torch.float32 and split_ok) or (dtype == torch.bfloat16 and pack_ok):
+            module.forward = partial(_forward, module)
+            patched.append(module)
     try:
         yield
     finally:
@@ -60,12 +71,18 @@ def _forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     weight, bias = module.weight, module.bias
     out_features, in_features = weight.shape
     rows = x.numel() // in_features if in_features else 0
-    limit = BIG_MAX_ROWS if weight.numel() >= BIG_WEIGHT else MAX_ROWS
-    parts = next((p for p in PARTS if out_features % p == 0), None)
-    if (parts is None or not 0 < rows <= limit or x.dtype != torch.float32 or not weight.is_contiguous()
-            or not _split_is_exact(weight, bias, rows, parts)):
-        return nn.functional.linear(x, weight, bias)
-    return split_linear(x.reshape(rows, in_features), weight, bias, parts).reshape(*x.shape[:-1], out_features)
+    plain = (x.dtype != weight.dtype or not weight.is_contiguous()
+             or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)))
+    if not plain and weight.dtype == torch.bfloat16 and 0 < rows <= PACKED_MAX_ROWS:
+        if _is_exact("packed", module, rows):
+            return packed_linear(x, module)
+    elif not plain and weight.dtype == torch.float32:
+        parts = next((p for p in PARTS if out_features % p == 0), None)
+        limit = BIG_MAX_ROWS if weight.numel() >= BIG_WEIGHT else MAX_ROWS
+        if parts is not None and 0 < rows <= limit and _is_exact(parts, module, rows):
+            flat = split_linear(x.reshape(rows, in_features), weight, bias, parts)
+            return flat.reshape(*x.shape[:-1], out_features)
+    return nn.functional.linear(x, weight, bias)
 
 
 def split_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, parts: int) -> torch.Tensor:
@@ -78,14 +95,29 @@ def split_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return out if bias is None else out + bias
 
 
-def _split_is_exact(weight: torch.Tensor, bias: torch.Tensor | None, rows: int, parts: int) -> bool:
-    key = (*weight.shape, rows, parts, bias is not None, torch.get_num_threads())
+def packed_linear(x: torch.Tensor, module: nn.Linear) -> torch.Tensor:
+    """``module(x)`` with the weight packed for oneDNN (packed once per weight version, then cached)."""
+    weight = module.weight
+    key = (weight._version, weight.data_ptr())
+    hit = _packed.get(module)
+    if hit is None or hit[:2] != key:
+        hit = (*key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None))
+        _packed[module] = hit
+    return torch.ops.mkldnn._linear_pointwise(x, hit[2], module.bias, "none", [], "")
+
+
+def _is_exact(path: Any, module: nn.Linear, rows: int) -> bool:
+    """Whether ``path`` (a split count, or "packed") gives ``F.linear``'s result bit for bit at ``rows`` rows."""
+    weight, bias = module.weight, module.bias
+    key = (path, *weight.shape, weight.dtype, rows, bias is not None, torch.get_num_threads())
     if key not in _exact:
-        probe = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(rows))
-        _exact[key] = torch.equal(split_linear(probe, weight, bias, parts), nn.functional.linear(probe, weight, bias))
+        probe = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(rows)).to(weight.dtype)
+        fast: Callable[[], torch.Tensor] = (partial(packed_linear, probe, module) if path == "packed"
+                                            else partial(split_linear, probe, weight, bias, path))
+        _exact[key] = torch.equal(fast(), nn.functional.linear(probe, weight, bias))
     return _exact[key]
 
 
-def exactness_checked() -> dict[Any, bool]:
-    """The (out, in, rows, parts, bias, threads) keys checked so far and whether the split was exact there."""
+def exactness_checked() -> dict[tuple[Any, ...], bool]:
+    """The (path, out, in, dtype, rows, bias, threads) keys checked so far and whether the path was exact."""
     return dict(_exact)

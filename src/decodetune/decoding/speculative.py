@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from decodetune.config import DecodingConfig
-from decodetune.decoding.fast_linear import split_linears
+from decodetune.decoding.fast_linear import fast_linears
 from decodetune.decoding.processors import RowParams, TokenState, apply_processors
 from decodetune.decoding.runner import ModelRunner
 from decodetune.decoding.sampler import apply_samplers, draw, make_generator, row_seed
@@ -107,8 +107,8 @@ def generate_speculative(model: Any, prompts: Any, config: DecodingConfig | Sequ
     drafter = _drafter(lm, draft_model, num_draft_tokens, prompt_lookup_num_tokens)
     out: list[Generation] = []
     draft = drafter[0].model if isinstance(drafter, tuple) else None
-    with (torch.inference_mode(), use_tokenizer(lm.tokenizer), split_linears(lm.model),
-          split_linears(draft) if draft is not None else nullcontext()):
+    with (torch.inference_mode(), use_tokenizer(lm.tokenizer), fast_linears(lm.model),
+          fast_linears(draft) if draft is not None else nullcontext()):
         for i, (prompt, cfg, seed) in enumerate(zip(prompts, configs, seeds, strict=True)):
             ids = lm.encode(prompt)
             if not ids:
