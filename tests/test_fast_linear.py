@@ -107,3 +107,17 @@ def test_bf16_model_tokens_do_not_depend_on_the_packed_path(tiny_pair, monkeypat
     monkeypatch.setattr(fast_linear, "_exact", {key: False for key in checked})
     plain = generate(half, ["hello there", "the cat sat"], cfg)
     assert [g.token_ids for g in fast] == [g.token_ids for g in plain]
+
+
+@needs_mkldnn
+def test_packed_weights_live_only_within_the_block_and_big_models_are_not_packed(monkeypatch):
+    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 64)).to(torch.bfloat16)
+    x = torch.randn(1, 64).to(torch.bfloat16)
+    with torch.inference_mode():
+        with fast_linears(model):
+            model(x)
+            assert len(fast_linear._packed) == 2
+        assert len(fast_linear._packed) == 0
+        monkeypatch.setattr(fast_linear, "PACK_MAX_BYTES", 64 * 32 * 2)  # smaller than the two weights
+        with fast_linears(model):
+            assert not any("forward" in m.__dict__ for m in model)

@@ -18,8 +18,10 @@ tests against transformers' ``generate()`` (float32) run through it.
 
 :func:`fast_linears` switches it on for one model for the duration of a ``with`` block (the engine's
 ``generate``): it sets a ``forward`` on each plain ``nn.Linear`` instance and removes it afterwards, so the
-model is left as it was. Packed bf16 weights are cached per layer and re-packed when the weight changes.
-Quantised layers (int8) and subclasses of ``nn.Linear`` are left alone, and so is anything under autograd.
+model is left as it was. Packed bf16 weights live only within the block (re-packed when a weight changes in
+it), so a generate call holds the bf16 linear weights twice; models whose bf16 linear weights exceed
+:data:`PACK_MAX_BYTES` are not packed (a 7B model would need 14 GB more). Quantised layers (int8) and
+subclasses of ``nn.Linear`` are left alone, and so is anything under autograd.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ BIG_WEIGHT = 1 << 22
 BIG_MAX_ROWS = 128
 #: Rows up to which bf16 layers use their packed weights (decoding steps; a long prefill keeps F.linear).
 PACKED_MAX_ROWS = 64
+#: bf16 linear weights up to this size are packed (the packed copy doubles them during a generate call).
+PACK_MAX_BYTES = 2 << 30
 
 _exact: dict[tuple[Any, ...], bool] = {}
 _packed: weakref.WeakKeyDictionary[nn.Module, tuple[int, int, torch.Tensor]] = weakref.WeakKeyDictionary()
@@ -50,21 +54,24 @@ _packed: weakref.WeakKeyDictionary[nn.Module, tuple[int, int, torch.Tensor]] = w
 @contextmanager
 def fast_linears(model: nn.Module) -> Iterator[None]:
     """Within the block, ``model``'s plain CPU ``nn.Linear`` layers use the fast paths where they are exact."""
-    patched: list[nn.Module] = []
-    split_ok = torch.get_num_threads() >= 2
-    pack_ok = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    for module in model.modules():
-        if type(module) is not nn.Linear or "forward" in module.__dict__ or module.weight.device.type != "cpu":
-            continue
-        dtype = module.weight.dtype
-        if (dtype == torch.float32 and split_ok) or (dtype == torch.bfloat16 and pack_ok):
-            module.forward = partial(_forward, module)
-            patched.append(module)
+    linears = [m for m in model.modules() if type(m) is nn.Linear and "forward" not in m.__dict__
+               and m.weight.device.type == "cpu"]
+    half_bytes = sum(m.weight.numel() * 2 for m in linears if m.weight.dtype == torch.bfloat16)
+    wanted = set()
+    if torch.get_num_threads() >= 2:
+        wanted.add(torch.float32)
+    if (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and half_bytes <= PACK_MAX_BYTES):
+        wanted.add(torch.bfloat16)
+    patched = [m for m in linears if m.weight.dtype in wanted]
+    for module in patched:
+        module.forward = partial(_forward, module)
     try:
         yield
     finally:
         for module in patched:
             module.__dict__.pop("forward", None)
+            _packed.pop(module, None)
 
 
 def _forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
