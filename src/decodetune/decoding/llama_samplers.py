@@ -159,7 +159,7 @@ def update_mirostat(state: TokenState, rows: Sequence[int], probs: torch.Tensor,
         return
     surprise = -torch.log2(probs.gather(1, tokens.unsqueeze(1)).squeeze(1))
     mu_all = state.per_row["mirostat_mu"]
-    idx = params.cached(("state_rows", tuple(rows)), lambda: torch.tensor(list(rows), device=mu_all.device))
+    idx = _state_rows(params, rows, mu_all.device)
     mu = mu_all.index_select(0, idx)
     new = mu - params.tensor("mirostat_eta") * (surprise - params.tensor("mirostat_tau"))
     mu_all[idx] = torch.where(on, new, mu)
@@ -198,10 +198,14 @@ def update_adaptive_p(state: TokenState, rows: Sequence[int], original: torch.Te
         return
     p = original.gather(1, tokens.unsqueeze(1)).squeeze(1)
     decay = params.tensor("adaptive_decay")
-    idx = params.cached(("state_rows", tuple(rows)),
-                        lambda: torch.tensor(list(rows), device=state.per_row["adaptive_weighted_sum"].device))
+    idx = _state_rows(params, rows, state.per_row["adaptive_weighted_sum"].device)
     for key, new in (("adaptive_weighted_sum", lambda old: p + decay * old),
                      ("adaptive_total_weight", lambda old: 1.0 + decay * old)):
         values = state.per_row[key]
         old = values.index_select(0, idx)
         values[idx] = torch.where(on, new(old), old)
+
+
+def _state_rows(params: RowParams, rows: Sequence[int], device: torch.device) -> torch.Tensor:
+    """``rows`` (state rows) as an index tensor, cached on ``params`` for the step's stateful updates."""
+    return params.cached(("state_rows", tuple(rows)), lambda: torch.tensor(list(rows), device=device))
