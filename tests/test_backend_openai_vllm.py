@@ -56,9 +56,14 @@ def _vllm_python() -> str:
         if not os.access(env, os.X_OK):
             pytest.skip(f"{PYTHON_ENV}={env} is not an executable python")
         return env
-    if DEFAULT_PYTHON.exists():
-        return str(DEFAULT_PYTHON)
-    pytest.skip(f"no vLLM install: set {PYTHON_ENV} to a python with vllm (recipe in docs/backends.md)")
+    if not DEFAULT_PYTHON.exists():
+        pytest.skip(f"no vLLM install: set {PYTHON_ENV} to a python with vllm (recipe in docs/backends.md)")
+    # a venv without vllm (an install that did not finish) is no vLLM install either
+    has_vllm = "import importlib.util as u; print(u.find_spec('vllm') is not None)"
+    probe = subprocess.run([str(DEFAULT_PYTHON), "-c", has_vllm], capture_output=True, text=True, timeout=60)
+    if probe.stdout.strip() != "True":
+        pytest.skip(f"{DEFAULT_PYTHON} has no vllm package (recipe in docs/backends.md)")
+    return str(DEFAULT_PYTHON)
 
 
 def _start(python: str, log_dir: Path, *extra: str) -> VllmServer:
