@@ -41,7 +41,9 @@ def test_alpha_zero_is_greedy(lm):
     contrastive = generate(lm, prompts, DecodingConfig(strategy="contrastive", penalty_alpha=0.0, top_k=4,
                                                        max_new_tokens=16))
     assert [g.token_ids for g in contrastive] == [g.token_ids for g in greedy]
-    assert all(abs(c.score - g.score) < 1e-5 for c, g in zip(contrastive, greedy, strict=True))
+    # the same logprobs summed, from forwards of other batch shapes: equal to float32 rounding (on an Intel
+    # Xeon the 16-token sums differ by 1e-5 of 36; on an AMD EPYC they were equal to 1e-5)
+    assert [c.score for c in contrastive] == pytest.approx([g.score for g in greedy], rel=5e-6)
 
 
 def test_penalty_picks_least_similar_candidate():
