@@ -1,8 +1,10 @@
 """The fast CPU Linear paths (decoding/fast_linear.py: split float32, packed bf16): equal to F.linear, used only
-where bit-exact, and the model left as it was. The token-level proof is tests/test_decoding_exact.py (greedy and
-beam against transformers' generate() on the tiny Llama and on smollm2), which runs through it."""
+where bit-exact and faster, and the model left as it was. The token-level proof is tests/test_decoding_exact.py
+(greedy and beam against transformers' generate() on the tiny Llama and on smollm2), which runs through it."""
 
 from __future__ import annotations
+
+import time
 
 import pytest
 import torch
@@ -45,6 +47,7 @@ def test_split_path_runs_only_where_bit_exact(lm, monkeypatch):
 
     monkeypatch.setattr(fast_linear, "split_linear", counting)
     monkeypatch.setattr(fast_linear, "_exact", {})
+    monkeypatch.setattr(fast_linear, "_is_faster", lambda *a: True)  # whatever this CPU's timing says
     prompts = ["hello there", "the cat sat"]
     ours = generate(lm, prompts, DecodingConfig(max_new_tokens=6))
     checked = fast_linear.exactness_checked()
@@ -55,6 +58,35 @@ def test_split_path_runs_only_where_bit_exact(lm, monkeypatch):
     calls["split"] = 0
     plain = generate(lm, prompts, DecodingConfig(max_new_tokens=6))
     assert calls["split"] == 0 and [g.token_ids for g in plain] == [g.token_ids for g in ours]
+    # ... and so does a CPU where the split is exact but slower
+    monkeypatch.setattr(fast_linear, "_exact", {key: True for key in checked})
+    monkeypatch.setattr(fast_linear, "_is_faster", lambda *a: False)
+    slower = generate(lm, prompts, DecodingConfig(max_new_tokens=6))
+    assert calls["split"] == 0 and [g.token_ids for g in slower] == [g.token_ids for g in ours]
+
+
+def _slowed(fn):
+    def slow(*args, **kwargs):
+        time.sleep(0.002)
+        return fn(*args, **kwargs)
+    return slow
+
+
+def test_a_path_is_chosen_only_where_it_times_faster(monkeypatch):
+    layers = fast_linear.Kin([nn.Linear(64, 64) for _ in range(4)])
+    layers.seal()
+    real_split, real_linear = fast_linear.split_linear, nn.functional.linear
+    monkeypatch.setattr(fast_linear, "_faster", {})
+    monkeypatch.setattr(fast_linear, "split_linear", _slowed(real_split))
+    assert not fast_linear._is_faster("split", layers, 1)
+    monkeypatch.setattr(fast_linear, "_faster", {})
+    monkeypatch.setattr(fast_linear, "split_linear", real_split)
+    monkeypatch.setattr(nn.functional, "linear", _slowed(real_linear))
+    assert fast_linear._is_faster("split", layers, 1) and fast_linear._is_faster("split", layers, 1)
+    monkeypatch.setattr(nn.functional, "linear", real_linear)
+    assert fast_linear._is_faster("split", layers, 1)  # timed once per rows bucket: 1 row is decided
+    fast_linear._is_faster("split", layers, 3)  # 2-3 rows: a bucket of its own, timed afresh (either answer)
+    assert [key[1] for key in fast_linear.paths_timed()] == [1, 2]
 
 
 def test_the_model_is_left_as_it_was(lm):
@@ -100,6 +132,7 @@ def test_bf16_model_tokens_do_not_depend_on_the_packed_path(tiny_pair, monkeypat
     model, tok = tiny_pair
     half = LoadedModel(__import__("copy").deepcopy(model).to(torch.bfloat16), tok, name="tiny-bf16")
     monkeypatch.setattr(fast_linear, "_exact", {})
+    monkeypatch.setattr(fast_linear, "_is_faster", lambda *a: True)
     cfg = DecodingConfig(max_new_tokens=8)
     fast = generate(half, ["hello there", "the cat sat"], cfg)
     checked = fast_linear.exactness_checked()

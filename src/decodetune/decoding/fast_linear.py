@@ -12,9 +12,13 @@ linears x 30 layers; ``benchmarks/bench_generate.py`` has the end-to-end figures
   14.2 ms per step at 1 row, 28.6 -> 17.5 ms at 16. (In float32 the packed path is faster at 16 rows too,
   but not bit-exact, so float32 keeps MKL there.)
 
-Neither is assumed exact: the first time a (path, weight shape, rows, threads) comes up, both are computed
-on random input and the fast one is used only if the results are equal (:func:`_is_exact`). The exactness
-tests against transformers' ``generate()`` (float32) run through it.
+Neither is assumed exact, nor faster: the first time a (path, weight shape, rows, threads) comes up, both are
+computed on random input and the fast one is used only if the results are equal (:func:`_is_exact`); the
+first time a (path, dtype, body or head, rows bucket, threads) comes up, both are timed over the model's own
+layers of that kind (:func:`_is_faster`), and the fast one is used only if it is faster. (The float32 split
+is a workaround for how MKL threads small products, which depends on the CPU: on the AMD EPYC above it won
+1.7x; on an Intel Xeon with AMX, where MKL threads one row itself, it lost 12%.) The exactness tests against
+transformers' ``generate()`` (float32) run through it.
 
 :func:`fast_linears` switches it on for one model for the duration of a ``with`` block (the engine's
 ``generate``): it sets a ``forward`` on each plain ``nn.Linear`` instance and removes it afterwards, so the
@@ -26,9 +30,11 @@ subclasses of ``nn.Linear`` are left alone, and so is anything under autograd.
 
 from __future__ import annotations
 
+import time
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -46,8 +52,14 @@ BIG_MAX_ROWS = 128
 PACKED_MAX_ROWS = 64
 #: bf16 linear weights up to this size are packed (the packed copy doubles them during a generate call).
 PACK_MAX_BYTES = 2 << 30
+#: Layers timed when a path is first chosen: up to this many bytes of weights, more than a CPU's caches, so
+#: they are read cold as in decoding.
+TIMING_BYTES = 128 << 20
+#: The fast path must take at most this share of the plain path's time to be used.
+FASTER = 0.95
 
 _exact: dict[tuple[Any, ...], bool] = {}
+_faster: dict[tuple[Any, ...], bool] = {}
 _packed: weakref.WeakKeyDictionary[nn.Module, tuple[int, int, torch.Tensor]] = weakref.WeakKeyDictionary()
 
 
@@ -64,8 +76,13 @@ def fast_linears(model: nn.Module) -> Iterator[None]:
             and half_bytes <= PACK_MAX_BYTES):
         wanted.add(torch.bfloat16)
     patched = [m for m in linears if m.weight.dtype in wanted]
+    kinds: dict[tuple[torch.dtype, bool], Kin] = {}
     for module in patched:
-        module.forward = partial(_forward, module)
+        kinds.setdefault(_kind(module), Kin([])).layers.append(module)
+    for kin in kinds.values():
+        kin.seal()
+    for module in patched:
+        module.forward = partial(_forward, module, kinds[_kind(module)])
     try:
         yield
     finally:
@@ -74,19 +91,38 @@ def fast_linears(model: nn.Module) -> Iterator[None]:
             _packed.pop(module, None)
 
 
-def _forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def _kind(module: nn.Linear) -> tuple[torch.dtype, bool]:
+    """(dtype, is an LM-head-sized weight): the layers one timing speaks for."""
+    return module.weight.dtype, module.weight.numel() >= BIG_WEIGHT
+
+
+@dataclass(eq=False)
+class Kin:
+    """A model's layers of one kind (:func:`_kind`), and the key their timings are kept under: the same
+    architecture times the same."""
+
+    layers: list[nn.Linear]
+    key: tuple[Any, ...] = ()
+
+    def seal(self) -> None:
+        shapes = tuple(sorted({tuple(m.weight.shape) for m in self.layers}))
+        self.key = (*_kind(self.layers[0]), shapes, len(self.layers))
+
+
+def _forward(module: nn.Linear, kin: Kin, x: torch.Tensor) -> torch.Tensor:
     weight, bias = module.weight, module.bias
     out_features, in_features = weight.shape
     rows = x.numel() // in_features if in_features else 0
     plain = (x.dtype != weight.dtype or not weight.is_contiguous()
              or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)))
     if not plain and weight.dtype == torch.bfloat16 and 0 < rows <= PACKED_MAX_ROWS:
-        if _is_exact("packed", module, rows):
+        if _is_exact("packed", module, rows) and _is_faster("packed", kin, rows):
             return packed_linear(x, module)
     elif not plain and weight.dtype == torch.float32:
-        parts = next((p for p in PARTS if out_features % p == 0), None)
+        parts = _parts(out_features)
         limit = BIG_MAX_ROWS if weight.numel() >= BIG_WEIGHT else MAX_ROWS
-        if parts is not None and 0 < rows <= limit and _is_exact(parts, module, rows):
+        if (parts is not None and 0 < rows <= limit and _is_exact(parts, module, rows)
+                and _is_faster("split", kin, rows)):
             flat = split_linear(x.reshape(rows, in_features), weight, bias, parts)
             return flat.reshape(*x.shape[:-1], out_features)
     return nn.functional.linear(x, weight, bias)
@@ -123,6 +159,60 @@ def _is_exact(path: Any, module: nn.Linear, rows: int) -> bool:
                                             else partial(split_linear, probe, weight, bias, path))
         _exact[key] = torch.equal(fast(), nn.functional.linear(probe, weight, bias))
     return _exact[key]
+
+
+def _is_faster(path: str, kin: Kin, rows: int) -> bool:
+    """Whether ``path`` ("split" or "packed") runs faster than ``F.linear`` over ``kin``'s layers at about
+    ``rows`` rows (timed once per rows bucket 1, 2-3, 4-7, ...: the best of 3 alternated passes each)."""
+    key = (path, rows.bit_length(), torch.get_num_threads(), *kin.key)
+    if key not in _faster:
+        timed, total = [], 0
+        for module in kin.layers:  # enough layers to read their weights cold, as decoding does
+            timed.append(module)
+            total += module.weight.numel() * module.weight.element_size()
+            if total >= TIMING_BYTES:
+                break
+        plain_s, fast_s = _time_paths(path, timed, rows)
+        _faster[key] = min(fast_s) <= FASTER * min(plain_s)
+    return _faster[key]
+
+
+def _time_paths(path: str, layers: list[nn.Linear], rows: int, passes: int = 3) -> tuple[list[float], list[float]]:
+    """Seconds of ``passes`` passes over ``layers`` with ``F.linear`` and with ``path``, alternated, after one
+    pass of each that warms up (and packs)."""
+    inputs = {m.in_features: torch.randn(rows, m.in_features, generator=torch.Generator().manual_seed(rows))
+              .to(m.weight.dtype) for m in layers}
+
+    def fast(m: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        if path == "packed":
+            return packed_linear(x, m)
+        parts = _parts(m.out_features)
+        return nn.functional.linear(x, m.weight, m.bias) if parts is None else split_linear(
+            x, m.weight, m.bias, parts)
+
+    def seconds(fn: Callable[[nn.Linear, torch.Tensor], torch.Tensor]) -> float:
+        start = time.perf_counter()
+        for m in layers:
+            fn(m, inputs[m.in_features])
+        return time.perf_counter() - start
+
+    plain_s, fast_s = [], []
+    with torch.no_grad():
+        for _ in range(passes + 1):
+            plain_s.append(seconds(lambda m, x: nn.functional.linear(x, m.weight, m.bias)))
+            fast_s.append(seconds(fast))
+    return plain_s[1:], fast_s[1:]
+
+
+def _parts(out_features: int) -> int | None:
+    """How many output-feature slices the float32 split uses: the first of :data:`PARTS` that divides them."""
+    return next((p for p in PARTS if out_features % p == 0), None)
+
+
+def paths_timed() -> dict[tuple[Any, ...], bool]:
+    """The (path, rows bucket, threads, dtype, head-sized, shapes, layers) keys timed so far and whether the
+    path was faster."""
+    return dict(_faster)
 
 
 def exactness_checked() -> dict[tuple[Any, ...], bool]:
