@@ -82,7 +82,7 @@ def fast_linears(model: nn.Module) -> Iterator[None]:
     for kin in kinds.values():
         kin.seal()
     for module in patched:
-        module.forward = partial(_forward, module, kinds[_kind(module)])
+        module.forward = partial(_forward, module, kinds[_kind(module)], {})
     try:
         yield
     finally:
@@ -109,23 +109,37 @@ class Kin:
         self.key = (*_kind(self.layers[0]), shapes, len(self.layers))
 
 
-def _forward(module: nn.Linear, kin: Kin, x: torch.Tensor) -> torch.Tensor:
+def _forward(module: nn.Linear, kin: Kin, chosen: dict[tuple[Any, ...], Any], x: torch.Tensor) -> torch.Tensor:
     weight, bias = module.weight, module.bias
-    out_features, in_features = weight.shape
-    rows = x.numel() // in_features if in_features else 0
-    plain = (x.dtype != weight.dtype or not weight.is_contiguous()
-             or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)))
-    if not plain and weight.dtype == torch.bfloat16 and 0 < rows <= PACKED_MAX_ROWS:
-        if _is_exact("packed", module, rows) and _is_faster("packed", kin, rows):
-            return packed_linear(x, module)
-    elif not plain and weight.dtype == torch.float32:
-        parts = _parts(out_features)
-        limit = BIG_MAX_ROWS if weight.numel() >= BIG_WEIGHT else MAX_ROWS
-        if (parts is not None and 0 < rows <= limit and _is_exact(parts, module, rows)
-                and _is_faster("split", kin, rows)):
-            flat = split_linear(x.reshape(rows, in_features), weight, bias, parts)
-            return flat.reshape(*x.shape[:-1], out_features)
+    if torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad):
+        return nn.functional.linear(x, weight, bias)
+    rows = x.numel() // weight.shape[1] if weight.shape[1] else 0
+    key = (rows, x.dtype, torch.get_num_threads())
+    path = chosen.get(key, False)
+    if path is False:  # decided once per block (a decoding step calls each layer with the same rows again)
+        path = chosen[key] = _choose(module, kin, x.dtype, rows)
+    if path == "packed":
+        return packed_linear(x, module)
+    if path is not None:
+        flat = split_linear(x.reshape(rows, weight.shape[1]), weight, bias, path)
+        return flat.reshape(*x.shape[:-1], weight.shape[0])
     return nn.functional.linear(x, weight, bias)
+
+
+def _choose(module: nn.Linear, kin: Kin, dtype: torch.dtype, rows: int) -> int | str | None:
+    """The path for ``module`` at ``rows`` rows: "packed", a split count, or None for ``F.linear``."""
+    weight = module.weight
+    if dtype != weight.dtype or not weight.is_contiguous() or rows <= 0:
+        return None
+    if weight.dtype == torch.bfloat16 and rows <= PACKED_MAX_ROWS:
+        if _is_exact("packed", module, rows) and _is_faster("packed", kin, rows):
+            return "packed"
+    elif weight.dtype == torch.float32:
+        parts = _parts(weight.shape[0])
+        limit = BIG_MAX_ROWS if weight.numel() >= BIG_WEIGHT else MAX_ROWS
+        if parts is not None and rows <= limit and _is_exact(parts, module, rows) and _is_faster("split", kin, rows):
+            return parts
+    return None
 
 
 def split_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, parts: int) -> torch.Tensor:
