@@ -1,7 +1,7 @@
 """Faster ``nn.Linear`` layers on a CPU for decoding (few rows), bit-exact against ``F.linear``.
 
-Two cases, each measured on the 2-core dev machine (2 threads, weights read cold as in decoding, smollm2's 7
-linears x 30 layers; ``benchmarks/bench_generate.py`` has the end-to-end figures):
+Two cases, each measured on the 2-core dev machine, an AMD EPYC (2 threads, weights read cold as in decoding,
+smollm2's 7 linears x 30 layers; ``benchmarks/bench_generate.py`` has the end-to-end figures):
 
 - **float32**: MKL computes ``F.linear`` of a few rows on *one* thread, so batch-1 decoding read the weights
   at one core's bandwidth. The same product as a ``bmm`` over :data:`PARTS` slices of the output features
@@ -16,7 +16,7 @@ Neither is assumed exact, nor faster: the first time a (path, weight shape, rows
 computed on random input and the fast one is used only if the results are equal (:func:`_is_exact`); the
 first time a (path, dtype, body or head, rows bucket, threads) comes up, both are timed over the model's own
 layers of that kind (:func:`_is_faster`), and the fast one is used only if it is faster. (The float32 split
-is a workaround for how MKL threads small products, which depends on the CPU: on the AMD EPYC above it won
+is a workaround for how MKL threads small products, which depends on the CPU: on that AMD EPYC it won
 1.7x; on an Intel Xeon with AMX, where MKL threads one row itself, it lost 12%.) The exactness tests against
 transformers' ``generate()`` (float32) run through it.
 
