@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -65,7 +65,8 @@ _packed: weakref.WeakKeyDictionary[nn.Module, tuple[int, int, torch.Tensor]] = w
 
 @contextmanager
 def fast_linears(model: nn.Module) -> Iterator[None]:
-    """Within the block, ``model``'s plain CPU ``nn.Linear`` layers use the fast paths where they are exact."""
+    """Within the block, ``model``'s plain CPU ``nn.Linear`` layers use the fast paths where they are exact and
+    faster."""
     linears = [m for m in model.modules() if type(m) is nn.Linear and "forward" not in m.__dict__
                and m.weight.device.type == "cpu"]
     half_bytes = sum(m.weight.numel() * 2 for m in linears if m.weight.dtype == torch.bfloat16)
@@ -76,11 +77,10 @@ def fast_linears(model: nn.Module) -> Iterator[None]:
             and half_bytes <= PACK_MAX_BYTES):
         wanted.add(torch.bfloat16)
     patched = [m for m in linears if m.weight.dtype in wanted]
-    kinds: dict[tuple[torch.dtype, bool], Kin] = {}
+    grouped: dict[tuple[torch.dtype, bool], list[nn.Linear]] = {}
     for module in patched:
-        kinds.setdefault(_kind(module), Kin([])).layers.append(module)
-    for kin in kinds.values():
-        kin.seal()
+        grouped.setdefault(_kind(module), []).append(module)
+    kinds = {kind: LayerKind(layers) for kind, layers in grouped.items()}
     for module in patched:
         module.forward = partial(_forward, module, kinds[_kind(module)], {})
     try:
@@ -97,19 +97,19 @@ def _kind(module: nn.Linear) -> tuple[torch.dtype, bool]:
 
 
 @dataclass(eq=False)
-class Kin:
+class LayerKind:
     """A model's layers of one kind (:func:`_kind`), and the key their timings are kept under: the same
     architecture times the same."""
 
     layers: list[nn.Linear]
-    key: tuple[Any, ...] = ()
+    key: tuple[Any, ...] = field(init=False)
 
-    def seal(self) -> None:
+    def __post_init__(self) -> None:
         shapes = tuple(sorted({tuple(m.weight.shape) for m in self.layers}))
         self.key = (*_kind(self.layers[0]), shapes, len(self.layers))
 
 
-def _forward(module: nn.Linear, kin: Kin, chosen: dict[tuple[Any, ...], Any], x: torch.Tensor) -> torch.Tensor:
+def _forward(module: nn.Linear, kin: LayerKind, chosen: dict[tuple[Any, ...], Any], x: torch.Tensor) -> torch.Tensor:
     weight, bias = module.weight, module.bias
     if torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad):
         return nn.functional.linear(x, weight, bias)
@@ -118,15 +118,27 @@ def _forward(module: nn.Linear, kin: Kin, chosen: dict[tuple[Any, ...], Any], x:
     path = chosen.get(key, False)
     if path is False:  # decided once per block (a decoding step calls each layer with the same rows again)
         path = chosen[key] = _choose(module, kin, x.dtype, rows)
+    if path is None:
+        return nn.functional.linear(x, weight, bias)
+    flat = _run_path(path, module, x.reshape(rows, weight.shape[1]))
+    return flat.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _run_path(path: int | str | None, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` for 2-D ``x`` by ``path``: "packed", a split count, or None (``F.linear``)."""
     if path == "packed":
         return packed_linear(x, module)
-    if path is not None:
-        flat = split_linear(x.reshape(rows, weight.shape[1]), weight, bias, path)
-        return flat.reshape(*x.shape[:-1], weight.shape[0])
-    return nn.functional.linear(x, weight, bias)
+    if path is None:
+        return nn.functional.linear(x, module.weight, module.bias)
+    return split_linear(x, module.weight, module.bias, path)
 
 
-def _choose(module: nn.Linear, kin: Kin, dtype: torch.dtype, rows: int) -> int | str | None:
+def _probe(rows: int, in_features: int, dtype: torch.dtype) -> torch.Tensor:
+    """Random input for the exactness and speed checks (seeded: the same probe every time)."""
+    return torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows)).to(dtype)
+
+
+def _choose(module: nn.Linear, kin: LayerKind, dtype: torch.dtype, rows: int) -> int | str | None:
     """The path for ``module`` at ``rows`` rows: "packed", a split count, or None for ``F.linear``."""
     weight = module.weight
     if dtype != weight.dtype or not weight.is_contiguous() or rows <= 0:
@@ -168,14 +180,12 @@ def _is_exact(path: Any, module: nn.Linear, rows: int) -> bool:
     weight, bias = module.weight, module.bias
     key = (path, *weight.shape, weight.dtype, rows, bias is not None, torch.get_num_threads())
     if key not in _exact:
-        probe = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(rows)).to(weight.dtype)
-        fast: Callable[[], torch.Tensor] = (partial(packed_linear, probe, module) if path == "packed"
-                                            else partial(split_linear, probe, weight, bias, path))
-        _exact[key] = torch.equal(fast(), nn.functional.linear(probe, weight, bias))
+        probe = _probe(rows, weight.shape[1], weight.dtype)
+        _exact[key] = torch.equal(_run_path(path, module, probe), nn.functional.linear(probe, weight, bias))
     return _exact[key]
 
 
-def _is_faster(path: str, kin: Kin, rows: int) -> bool:
+def _is_faster(path: str, kin: LayerKind, rows: int) -> bool:
     """Whether ``path`` ("split" or "packed") runs faster than ``F.linear`` over ``kin``'s layers at about
     ``rows`` rows (timed once per rows bucket 1, 2-3, 4-7, ...: the best of 3 alternated passes each)."""
     key = (path, rows.bit_length(), torch.get_num_threads(), *kin.key)
@@ -194,27 +204,20 @@ def _is_faster(path: str, kin: Kin, rows: int) -> bool:
 def _time_paths(path: str, layers: list[nn.Linear], rows: int, passes: int = 3) -> tuple[list[float], list[float]]:
     """Seconds of ``passes`` passes over ``layers`` with ``F.linear`` and with ``path``, alternated, after one
     pass of each that warms up (and packs)."""
-    inputs = {m.in_features: torch.randn(rows, m.in_features, generator=torch.Generator().manual_seed(rows))
-              .to(m.weight.dtype) for m in layers}
+    inputs = {m.in_features: _probe(rows, m.in_features, m.weight.dtype) for m in layers}
+    fast_paths = [path if path == "packed" else _parts(m.out_features) for m in layers]
 
-    def fast(m: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        if path == "packed":
-            return packed_linear(x, m)
-        parts = _parts(m.out_features)
-        return nn.functional.linear(x, m.weight, m.bias) if parts is None else split_linear(
-            x, m.weight, m.bias, parts)
-
-    def seconds(fn: Callable[[nn.Linear, torch.Tensor], torch.Tensor]) -> float:
+    def seconds(paths: list[int | str | None]) -> float:
         start = time.perf_counter()
-        for m in layers:
-            fn(m, inputs[m.in_features])
+        for m, each in zip(layers, paths, strict=True):
+            _run_path(each, m, inputs[m.in_features])
         return time.perf_counter() - start
 
     plain_s, fast_s = [], []
     with torch.no_grad():
         for _ in range(passes + 1):
-            plain_s.append(seconds(lambda m, x: nn.functional.linear(x, m.weight, m.bias)))
-            fast_s.append(seconds(fast))
+            plain_s.append(seconds([None] * len(layers)))
+            fast_s.append(seconds(fast_paths))
     return plain_s[1:], fast_s[1:]
 
 
